@@ -1,0 +1,158 @@
+"""Strict base64url and bounded JSON, shared by the token and envelope parsers.
+
+Both functions raise ``ValueError`` on any deviation; callers turn that into their own contract
+code. Nothing here echoes its input in an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any, Final
+
+_B64URL_CHARS: Final = re.compile(r"[A-Za-z0-9_-]*")
+_B64_STD_OR_URL: Final = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
+# Index of each base64url character, to check that unused trailing bits are zero.
+_B64URL_INDEX: Final = {
+    c: i
+    for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+
+_URL_TO_STD: Final = str.maketrans("-_", "+/")
+
+MAX_JSON_DEPTH: Final = 8
+"""Deepest nesting of objects and arrays accepted in a header, claim set or card."""
+
+
+def b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode unpadded base64url (RFC 7515 section 2) in its one canonical form.
+
+    Rejects padding, whitespace, any other character, an impossible length and non-zero unused
+    bits in the last character (so that exactly one string encodes each byte string).
+    """
+    if not _B64URL_CHARS.fullmatch(text):
+        raise ValueError("not base64url")
+    rem = len(text) % 4
+    if rem == 1:
+        raise ValueError("impossible base64url length")
+    if rem:
+        last = _B64URL_INDEX[text[-1]]
+        if last & (0x0F if rem == 2 else 0x03):
+            raise ValueError("non-canonical base64url")
+        text += "=" * (4 - rem)
+    return binascii.a2b_base64(text.translate(_URL_TO_STD), strict_mode=True)
+
+
+def b64_decode_lenient_alphabet(text: str) -> bytes:
+    """Decode standard base64 whose padding is optional and whose alphabet may be url-safe.
+
+    This is the ``kms-direct`` ``meta_data`` format: the seed's client base64-encodes a KMS
+    ``CiphertextBlob``. Mixed alphabets, whitespace and misplaced padding are rejected.
+    """
+    if not _B64_STD_OR_URL.fullmatch(text):
+        raise ValueError("not base64")
+    body = text.rstrip("=")
+    urlsafe = "-" in body or "_" in body
+    if urlsafe and ("+" in body or "/" in body):
+        raise ValueError("mixed base64 alphabets")
+    if len(text) != len(body) and len(text) % 4:
+        raise ValueError("bad base64 padding")
+    if urlsafe:
+        body = body.replace("-", "+").replace("_", "/")
+    rem = len(body) % 4
+    if rem == 1:
+        raise ValueError("impossible base64 length")
+    try:
+        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except binascii.Error as err:
+        raise ValueError("not base64") from err
+
+
+def _reject_constant(_name: str) -> Any:
+    raise ValueError("NaN and Infinity are not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate JSON member")
+    return result
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > 20:  # well past any timestamp or amount; blocks giant-integer work
+        raise ValueError("number out of range")
+    return int(text)
+
+
+_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates,
+    parse_constant=_reject_constant,
+    parse_float=_parse_float,
+    parse_int=_parse_int,
+)
+
+
+def _depth_within(text: str, limit: int) -> bool:
+    """True when no object/array nesting in ``text`` goes deeper than ``limit``.
+
+    The fast path counts brackets in C: fewer brackets than the limit cannot nest deeper.
+    """
+    if text.count("{") + text.count("[") <= limit:
+        return True
+    depth = 0
+    in_string = False
+    escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "}]":
+            depth -= 1
+    return True
+
+
+def loads_strict(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse JSON from strict UTF-8 with size, depth and duplicate-member limits.
+
+    Rejects: more than ``max_bytes``, invalid UTF-8 (and so UTF-16/32), a byte-order mark,
+    nesting deeper than ``max_depth``, duplicate object members, NaN/Infinity, numbers that
+    overflow a float, integers of more than 20 digits.
+    """
+    if len(data) > max_bytes:
+        raise ValueError("JSON too large")
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    if not _depth_within(text, max_depth):
+        raise ValueError("JSON nested too deeply")
+    try:
+        return _DECODER.decode(text)
+    except RecursionError as err:  # pragma: no cover - the depth check comes first
+        raise ValueError("JSON nested too deeply") from err
+
+
+def dumps_compact(value: Any) -> bytes:
+    """Compact, sorted-key JSON as UTF-8 bytes (deterministic, for signing and AAD)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()

@@ -1,0 +1,253 @@
+"""Payment cards: parsing the contract's card JSON, Luhn, brand, expiry, masking.
+
+Written here rather than taken from a library: the rules are a page long (CONTRACT.md section 2),
+the maintained Python packages for them either pull in far more (schemas, locales) or lag the
+current IIN tables (Mastercard's 2-series), and the hot path wants no extra allocation.
+
+A ``Card`` holds the PAN and CVV in private slots; its ``repr`` and ``str`` never show them. The
+only view of a card that may leave the process is ``Card.view()`` (the contract's ``CARD``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from cardseal._encoding import dumps_compact, loads_strict
+from cardseal.errors import CardError, RequestError
+
+MAX_CARD_JSON_BYTES: Final = 1024
+_CARD_FIELDS: Final = frozenset({"card_number", "expiry_date", "cvv", "cardholder_name"})
+_MAX_NAME_CHARS: Final = 128
+_DIGITS: Final = frozenset("0123456789")
+
+
+@dataclass(frozen=True, slots=True)
+class _Brand:
+    name: str
+    lengths: frozenset[int]
+    cvv_length: int
+
+
+_VISA = _Brand("visa", frozenset({13, 16, 19}), 3)
+_MASTERCARD = _Brand("mastercard", frozenset({16}), 3)
+_AMEX = _Brand("amex", frozenset({15}), 4)
+_DISCOVER = _Brand("discover", frozenset(range(16, 20)), 3)
+_JCB = _Brand("jcb", frozenset(range(16, 20)), 3)
+_DINERS = _Brand("diners", frozenset(range(14, 20)), 3)
+_UNIONPAY = _Brand("unionpay", frozenset(range(16, 20)), 3)
+_MAESTRO = _Brand("maestro", frozenset(range(12, 20)), 3)
+
+# (prefix length, low, high, brand), most specific first: the first match wins.
+_IIN_RANGES: Final[tuple[tuple[int, int, int, _Brand], ...]] = (
+    (6, 622126, 622925, _DISCOVER),  # Discover co-branded range inside UnionPay's 62
+    (4, 6011, 6011, _DISCOVER),
+    (4, 5018, 5018, _MAESTRO),
+    (4, 5020, 5020, _MAESTRO),
+    (4, 5038, 5038, _MAESTRO),
+    (4, 5893, 5893, _MAESTRO),
+    (4, 6304, 6304, _MAESTRO),
+    (4, 6759, 6759, _MAESTRO),
+    (4, 6761, 6763, _MAESTRO),
+    (4, 2221, 2720, _MASTERCARD),
+    (4, 3528, 3589, _JCB),
+    (4, 3095, 3095, _DINERS),
+    (3, 644, 649, _DISCOVER),
+    (3, 300, 305, _DINERS),
+    (2, 65, 65, _DISCOVER),
+    (2, 62, 62, _UNIONPAY),
+    (2, 51, 55, _MASTERCARD),
+    (2, 34, 34, _AMEX),
+    (2, 37, 37, _AMEX),
+    (2, 36, 36, _DINERS),
+    (2, 38, 39, _DINERS),
+    (1, 4, 4, _VISA),
+)
+
+
+_SCALE: Final = {size: 10 ** (6 - size) for size in range(1, 7)}
+
+
+def luhn_valid(number: str) -> bool:
+    """True when the digit string passes the Luhn (mod 10) check."""
+    total = 0
+    for i, ch in enumerate(reversed(number)):
+        d = ord(ch) - 48
+        if i & 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _brand_of(pan: str) -> _Brand | None:
+    six = int(pan[:6])
+    for size, low, high, brand in _IIN_RANGES:
+        if low <= six // _SCALE[size] <= high:
+            return brand
+    return None
+
+
+def _parse_expiry(text: str) -> tuple[int, int]:
+    month_s, sep, year_s = text.partition("/")
+    if (
+        not sep
+        or len(month_s) != 2
+        or len(year_s) not in (2, 4)
+        or not set(month_s + year_s) <= _DIGITS
+    ):
+        raise CardError("The card's expiry date is invalid.", code="card_expired")
+    month = int(month_s)
+    year = int(year_s) + (2000 if len(year_s) == 2 else 0)
+    if not 1 <= month <= 12:
+        raise CardError("The card's expiry date is invalid.", code="card_expired")
+    return month, year
+
+
+@dataclass(frozen=True, slots=True)
+class CardView:
+    """The contract's ``CARD``: the only view of a card that leaves the gateway."""
+
+    brand: str
+    last4: str
+    masked: str
+    exp_month: int
+    exp_year: int
+    fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "brand": self.brand,
+            "last4": self.last4,
+            "masked": self.masked,
+            "exp_month": self.exp_month,
+            "exp_year": self.exp_year,
+            "fingerprint": self.fingerprint,
+        }
+
+
+class Card:
+    """A validated payment card. Construct with ``Card.parse`` or ``Card.from_json``.
+
+    Validation happens in the constructor: a ``Card`` that exists is Luhn-valid, of a known
+    brand with a length and CVV length right for it, and not expired at ``now``.
+    """
+
+    __slots__ = ("_cvv", "_pan", "brand", "cardholder_name", "exp_month", "exp_year")
+
+    def __init__(
+        self,
+        *,
+        card_number: str,
+        expiry_date: str,
+        cvv: str,
+        cardholder_name: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        pan = card_number.replace(" ", "").replace("-", "")
+        if not pan or not set(pan) <= _DIGITS or not 12 <= len(pan) <= 19 or not luhn_valid(pan):
+            raise CardError(code="card_number_invalid")
+        brand = _brand_of(pan)
+        if brand is None:
+            raise CardError(code="card_brand_unsupported")
+        if len(pan) not in brand.lengths:
+            raise CardError(code="card_number_invalid")
+        month, year = _parse_expiry(expiry_date)
+        today = now if now is not None else datetime.now(UTC)
+        if (year, month) < (today.year, today.month):
+            raise CardError(code="card_expired")
+        if len(cvv) != brand.cvv_length or not set(cvv) <= _DIGITS:
+            raise CardError(code="card_cvv_invalid")
+        self._pan = pan
+        self._cvv = cvv
+        self.brand = brand.name
+        self.exp_month = month
+        self.exp_year = year
+        self.cardholder_name = cardholder_name
+
+    @classmethod
+    def parse(cls, value: object, *, now: datetime | None = None) -> Card:
+        """Build a card from the contract's card JSON object (already decoded).
+
+        Raises ``RequestError`` for a wrong shape (not an object, a missing or unknown field,
+        a wrong type) and ``CardError`` with the contract code for a card that is not valid.
+        """
+        if not isinstance(value, dict) or not value.keys() <= _CARD_FIELDS:
+            raise RequestError("The card must be an object with the contract's fields.")
+        number = value.get("card_number")
+        expiry = value.get("expiry_date")
+        cvv = value.get("cvv")
+        name = value.get("cardholder_name")
+        if not (isinstance(number, str) and isinstance(expiry, str) and isinstance(cvv, str)):
+            raise RequestError("card_number, expiry_date and cvv are required strings.")
+        if name is not None and (not isinstance(name, str) or len(name) > _MAX_NAME_CHARS):
+            raise RequestError("cardholder_name must be a string of at most 128 characters.")
+        if len(number) > 32:
+            raise CardError(code="card_number_invalid")
+        return cls(card_number=number, expiry_date=expiry, cvv=cvv, cardholder_name=name, now=now)
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, now: datetime | None = None) -> Card:
+        """Parse card JSON (at most ``MAX_CARD_JSON_BYTES``); see ``parse`` for the errors."""
+        try:
+            value = loads_strict(data, max_bytes=MAX_CARD_JSON_BYTES, max_depth=2)
+        except ValueError as err:
+            raise RequestError("The card is not valid JSON.") from err
+        return cls.parse(value, now=now)
+
+    @property
+    def pan(self) -> str:
+        """The full card number. Read it only to hand it to a processor."""
+        return self._pan
+
+    @property
+    def cvv(self) -> str:
+        """The card verification code. Read it only to hand it to a processor."""
+        return self._cvv
+
+    @property
+    def last4(self) -> str:
+        return self._pan[-4:]
+
+    @property
+    def masked(self) -> str:
+        """BIN (first six) and last four, the rest as ``*`` (PCI DSS 3.4.1)."""
+        return self._pan[:6] + "*" * (len(self._pan) - 10) + self._pan[-4:]
+
+    def fingerprint(self, secret: bytes) -> str:
+        """A keyed hash of the PAN (HMAC-SHA-256 under ``secret``), stable per secret."""
+        digest = hmac.new(secret, self._pan.encode("ascii"), hashlib.sha256).digest()
+        return "fp_" + digest[:16].hex()
+
+    def view(self, fingerprint_secret: bytes) -> CardView:
+        return CardView(
+            brand=self.brand,
+            last4=self.last4,
+            masked=self.masked,
+            exp_month=self.exp_month,
+            exp_year=self.exp_year,
+            fingerprint=self.fingerprint(fingerprint_secret),
+        )
+
+    def to_json(self) -> bytes:
+        """The contract's card JSON (with PAN and CVV): the plaintext that gets sealed."""
+        value: dict[str, str] = {
+            "card_number": self._pan,
+            "expiry_date": f"{self.exp_month:02d}/{self.exp_year:04d}",
+            "cvv": self._cvv,
+        }
+        if self.cardholder_name is not None:
+            value["cardholder_name"] = self.cardholder_name
+        return dumps_compact(value)
+
+    def __repr__(self) -> str:
+        return f"Card(brand={self.brand!r}, masked={self.masked!r})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:  # keep card data out of pickles (and so out of caches)
+        raise TypeError("Card objects cannot be pickled")

@@ -1,0 +1,219 @@
+"""The ``cardseal`` command (CONTRACT.md section 4).
+
+Output is JSON on stdout; errors are ``{"error": {"code", "message"}}`` on stderr with the exit
+code of the contract's table. Card data is read from stdin or a hidden prompt, never from argv.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from cardseal import jws
+from cardseal._encoding import b64url_decode, loads_strict
+from cardseal.card import MAX_CARD_JSON_BYTES, Card
+from cardseal.config import (
+    Settings,
+    build_issuer_policies,
+    build_opener,
+    build_providers,
+    build_sealer,
+    build_signer,
+    build_verifier,
+    fingerprint_secret,
+    load_settings,
+)
+from cardseal.errors import CardsealError, RequestError
+from cardseal.keys.jwk import VerificationKeySet
+from cardseal.tokens import Payment
+
+app = typer.Typer(
+    name="cardseal",
+    help="Signed, encrypted, single-use card tokens from a payment service to its gateway.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_T = TypeVar("_T")
+_state: dict[str, str | None] = {"config": None}
+
+ConfigOption = Annotated[
+    str | None,
+    typer.Option("--config", envvar="CARDSEAL_CONFIG", help="Path of cardseal.toml."),
+]
+
+
+@app.callback()
+def _main(config: ConfigOption = None) -> None:
+    _state["config"] = config
+
+
+def emit(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def fail(err: CardsealError) -> NoReturn:
+    typer.echo(json.dumps(err.to_dict()), err=True)
+    raise typer.Exit(err.exit_code)
+
+
+def guarded(body: Callable[[], _T]) -> _T:
+    """Run ``body``; turn any ``CardsealError`` into the contract's stderr JSON and exit code."""
+    try:
+        return body()
+    except CardsealError as err:
+        fail(err)
+
+
+def settings() -> Settings:
+    return load_settings(_state["config"])
+
+
+def read_stdin_limited(limit: int) -> bytes:
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        raise RequestError("Standard input is too large.", code="request_too_large")
+    return data
+
+
+def read_card() -> Card:
+    """A card from stdin (card JSON) or, on a terminal, from hidden prompts."""
+    if sys.stdin.isatty():
+        number = typer.prompt("Card number", hide_input=True)
+        expiry = typer.prompt("Expiry (MM/YY)")
+        cvv = typer.prompt("CVV", hide_input=True)
+        return Card(card_number=number, expiry_date=expiry, cvv=cvv)
+    return Card.from_json(read_stdin_limited(MAX_CARD_JSON_BYTES).strip())
+
+
+def read_token(token: str | None) -> str:
+    if token is None or token == "-":  # noqa: S105 - "-" means stdin
+        raw = read_stdin_limited(jws.MAX_TOKEN_BYTES + 2)
+        try:
+            token = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise RequestError("The token must be ASCII.") from None
+    return token.strip(" \t\r\n")
+
+
+def payment_option(
+    amount: int | None, currency: str | None, reference: str | None
+) -> Payment | None:
+    if amount is None and currency is None and reference is None:
+        return None
+    if amount is None or currency is None:
+        raise RequestError("--amount and --currency go together.")
+    try:
+        return Payment(amount, currency.upper(), reference)
+    except ValueError:
+        raise RequestError("The amount, currency or reference is invalid.") from None
+
+
+@app.command()
+def init(
+    dir: Annotated[Path, typer.Option("--dir", help="Folder to write into.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+    alg: Annotated[str, typer.Option("--alg", help="RS256, PS256, ES256 or EdDSA.")] = "RS256",
+) -> None:
+    """Write cardseal.toml and development keys (local KMS, signing key, JWKS, TLS cert)."""
+    from cardseal.scaffold import init_dir
+
+    config = guarded(lambda: init_dir(dir, force=force, alg=alg))
+    emit({"config": str(config), "next": f"cardseal --config {config} seal < card.json"})
+
+
+@app.command()
+def seal(
+    format: Annotated[str | None, typer.Option("--format", help="envelope or kms-direct.")] = None,
+    amount: Annotated[int | None, typer.Option(help="Amount in minor units.")] = None,
+    currency: Annotated[str | None, typer.Option(help="ISO 4217 code, e.g. USD.")] = None,
+    reference: Annotated[str | None, typer.Option(help="Your order reference.")] = None,
+) -> None:
+    """Card JSON on stdin -> token on stdout (a bare line)."""
+
+    def body() -> str:
+        s = settings()
+        if format is not None:
+            s.client.format = format  # type: ignore[assignment]
+        card = read_card()
+        return build_sealer(s).seal(card, payment=payment_option(amount, currency, reference))
+
+    typer.echo(guarded(body))
+
+
+@app.command("open")
+def open_(
+    token: Annotated[str | None, typer.Argument(help="The token, or - for stdin.")] = None,
+    reveal: Annotated[bool, typer.Option("--reveal", help="Also print PAN and CVV.")] = False,
+) -> None:
+    """Verify and decrypt a token (does not mark it used)."""
+
+    def body() -> dict[str, Any]:
+        s = settings()
+        providers = build_providers(s)
+        policies = build_issuer_policies(s)
+        verified = build_verifier(s, policies).verify(read_token(token))
+        card = build_opener(s, policies, providers).open_card(verified)
+        view = card.view(fingerprint_secret(s)).to_dict()
+        if reveal:
+            view["card_number"] = card.pan
+            view["cvv"] = card.cvv
+        return {"claims": verified.public_claims(), "card": view}
+
+    emit(guarded(body))
+
+
+def _describe_meta_data(meta_data: object) -> dict[str, Any]:
+    if not isinstance(meta_data, str):
+        return {"format": None}
+    if meta_data.count(".") == 4:
+        try:
+            header = loads_strict(b64url_decode(meta_data.split(".")[0]), max_bytes=512)
+        except ValueError:
+            return {"format": "envelope", "header": None}
+        return {"format": "envelope", "key": header.get("kid") if isinstance(header, dict)
+                else None, "header": header}
+    return {"format": "kms-direct", "key": None, "length": len(meta_data)}
+
+
+@app.command()
+def inspect(
+    token: Annotated[str | None, typer.Argument(help="The token, or - for stdin.")] = None,
+) -> None:
+    """Show a token's header, claims and meta_data format WITHOUT verifying it."""
+
+    def body() -> dict[str, Any]:
+        parsed = jws.parse_compact(read_token(token))
+        try:
+            claims = loads_strict(parsed.payload, max_bytes=jws.MAX_PAYLOAD_BYTES)
+        except ValueError:
+            raise RequestError("The token's claims are not a JSON object.") from None
+        if not isinstance(claims, dict):
+            raise RequestError("The token's claims are not a JSON object.")
+        meta = _describe_meta_data(claims.pop("meta_data", None))
+        return {"verified": False, "note": "NOT verified: signature and claims unchecked.",
+                "header": parsed.header, "claims": claims, "meta_data": meta}
+
+    emit(guarded(body))
+
+
+@app.command()
+def jwks() -> None:
+    """Print the client's public JWKS (publish it for the gateway)."""
+
+    def body() -> dict[str, Any]:
+        s = settings()
+        signer = build_signer(s)
+        return VerificationKeySet([signer.verification_key()]).to_jwks()
+
+    emit(guarded(body))
+
+
+def main() -> None:
+    app()

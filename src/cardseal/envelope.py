@@ -1,0 +1,297 @@
+"""Sealing and opening ``meta_data`` in the contract's two formats (CONTRACT.md section 3).
+
+``envelope`` (default) is a JWE compact serialization, five base64url parts::
+
+    B64(protected) . B64(wrapped data key) . B64(iv) . B64(ciphertext) . B64(tag)
+
+    protected = {"alg": "kms", "enc": "A256GCM", "jti": <token jti>, "kid": <KMS key URI>}
+    wrapped   = KMS-encrypted 256-bit data key, under context
+                {"purpose": "cardseal/meta_data", "iss": <iss>, "aud": <aud>}
+    iv        = 12 random bytes;  tag = 16 bytes
+    AES-256-GCM(data key, iv, plaintext = card JSON, aad = ASCII of BASE64URL(protected))
+
+Because the context holds no per-token value, the sealer reuses one data key for a bounded
+number of tokens and seconds (``DataKeyReuse``) and the opener caches unwrapped data keys by
+(key, wrapped key, context) with a bounded size and lifetime: one KMS call per data key on each
+side instead of one per token. The ``jti`` in the protected header binds the ciphertext to its
+token, so a ``meta_data`` moved into another token fails.
+
+``kms-direct`` (the seed's format) is the standard base64 of a KMS ciphertext of the card JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from cachetools import TTLCache
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from cardseal._encoding import (
+    b64_decode_lenient_alphabet,
+    b64url_decode,
+    b64url_encode,
+    dumps_compact,
+    loads_strict,
+)
+from cardseal.errors import ConfigError, DecryptionError
+from cardseal.keys.base import KeyProviders
+
+PURPOSE: Final = "cardseal/meta_data"
+FORMATS: Final = ("envelope", "kms-direct")
+
+MAX_META_DATA_CHARS: Final = 8 * 1024
+_MAX_PROTECTED_BYTES: Final = 512
+_MAX_WRAPPED_KEY_BYTES: Final = 1024
+_MAX_CIPHERTEXT_BYTES: Final = 2048
+_IV_BYTES: Final = 12
+_TAG_BYTES: Final = 16
+_HEADER_MEMBERS: Final = frozenset({"alg", "enc", "kid", "jti"})
+
+# Data-key reuse on the sealing side. Defaults: 1,000 tokens or 5 minutes, whichever first:
+# KMS cost falls to 1/1,000 per token while one data key never protects more than 1,000 cards
+# or outlives the default 300 s token lifetime. Caps: 100,000 uses (far under the 2^32
+# random-IV limit of AES-GCM that NIST SP 800-38D sets) and one hour.
+DEFAULT_REUSE_MAX_USES: Final = 1000
+DEFAULT_REUSE_MAX_AGE: Final = 300.0
+MAX_REUSE_USES: Final = 100_000
+MAX_REUSE_AGE: Final = 3600.0
+# Unwrapped data keys on the opening side.
+DEFAULT_CACHE_SIZE: Final = 1024
+DEFAULT_CACHE_TTL: Final = 300.0
+MAX_CACHE_SIZE: Final = 100_000
+MAX_CACHE_TTL: Final = 3600.0
+
+
+def envelope_context(iss: str, aud: str) -> dict[str, str]:
+    return {"purpose": PURPOSE, "iss": iss, "aud": aud}
+
+
+def kms_direct_context(iss: str, aud: str, jti: str) -> dict[str, str]:
+    return {"purpose": PURPOSE, "iss": iss, "aud": aud, "jti": jti}
+
+
+@dataclass(frozen=True, slots=True)
+class DataKeyReuse:
+    """How long the sealing side keeps one data key: ``max_uses`` tokens, ``max_age`` s."""
+
+    max_uses: int = DEFAULT_REUSE_MAX_USES
+    max_age: float = DEFAULT_REUSE_MAX_AGE
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_uses <= MAX_REUSE_USES:
+            raise ConfigError(f"data key max_uses must be 1..{MAX_REUSE_USES}.")
+        if not 0 < self.max_age <= MAX_REUSE_AGE:
+            raise ConfigError(f"data key max_age must be in (0, {MAX_REUSE_AGE}] seconds.")
+
+
+@dataclass(slots=True)
+class _LiveDataKey:
+    aead: AESGCM = field(repr=False)
+    wrapped: bytes
+    born: float
+    uses: int = 0
+
+
+class EnvelopeSealer:
+    """Seals card JSON into ``envelope`` ``meta_data`` under one KMS key, reusing data keys."""
+
+    def __init__(
+        self,
+        *,
+        providers: KeyProviders,
+        key_uri: str,
+        reuse: DataKeyReuse | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        providers.provider_for(key_uri)  # fail now, not at the first token
+        self._providers = providers
+        self._key_uri = key_uri
+        self._reuse = reuse or DataKeyReuse()
+        self._clock = clock
+        self._live: dict[tuple[tuple[str, str], ...], _LiveDataKey] = {}
+        self._lock = threading.Lock()
+
+    def _data_key(self, context: Mapping[str, str]) -> _LiveDataKey:
+        slot = tuple(sorted(context.items()))
+        now = self._clock()
+        with self._lock:
+            live = self._live.get(slot)
+            if (
+                live is None
+                or live.uses >= self._reuse.max_uses
+                or now - live.born >= self._reuse.max_age
+            ):
+                data_key = self._providers.generate_data_key(self._key_uri, context)
+                live = _LiveDataKey(AESGCM(data_key.plaintext), data_key.wrapped, now)
+                self._live[slot] = live
+            live.uses += 1
+            return live
+
+    def seal(self, plaintext: bytes, *, iss: str, aud: str, jti: str) -> str:
+        live = self._data_key(envelope_context(iss, aud))
+        protected = b64url_encode(
+            dumps_compact({"alg": "kms", "enc": "A256GCM", "kid": self._key_uri, "jti": jti})
+        )
+        iv = os.urandom(_IV_BYTES)
+        sealed = live.aead.encrypt(iv, plaintext, protected.encode("ascii"))
+        return ".".join(
+            (
+                protected,
+                b64url_encode(live.wrapped),
+                b64url_encode(iv),
+                b64url_encode(sealed[:-_TAG_BYTES]),
+                b64url_encode(sealed[-_TAG_BYTES:]),
+            )
+        )
+
+
+class EnvelopeOpener:
+    """Opens ``envelope`` ``meta_data``, caching unwrapped data keys (thread-safe)."""
+
+    def __init__(
+        self,
+        *,
+        providers: KeyProviders,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 <= cache_size <= MAX_CACHE_SIZE:
+            raise ConfigError(f"data key cache size must be 0..{MAX_CACHE_SIZE}.")
+        if not 0 < cache_ttl <= MAX_CACHE_TTL:
+            raise ConfigError(f"data key cache ttl must be in (0, {MAX_CACHE_TTL}] seconds.")
+        self._providers = providers
+        self._cache: TTLCache[tuple[str, bytes, str, str], AESGCM] | None = (
+            TTLCache(maxsize=cache_size, ttl=cache_ttl, timer=clock) if cache_size else None
+        )
+        self._lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def open(
+        self, meta_data: str, *, allowed_keys: Sequence[str], iss: str, aud: str, jti: str
+    ) -> bytes:
+        """Decrypt ``meta_data``; return the card JSON bytes.
+
+        ``allowed_keys`` are canonical key URIs (``KeyProviders.canonical_uri``). Raises
+        ``DecryptionError`` (meta_data_malformed, kms_key_not_allowed, decryption_failed) or
+        ``KeyProviderError`` (kms_unavailable).
+        """
+        if len(meta_data) > MAX_META_DATA_CHARS:
+            raise DecryptionError(code="meta_data_malformed")
+        parts = meta_data.split(".")
+        if len(parts) != 5:
+            raise DecryptionError(code="meta_data_malformed")
+        try:
+            header = loads_strict(
+                b64url_decode(parts[0]), max_bytes=_MAX_PROTECTED_BYTES, max_depth=1
+            )
+            wrapped, iv, ciphertext, tag = (b64url_decode(p) for p in parts[1:])
+        except ValueError:
+            raise DecryptionError(code="meta_data_malformed") from None
+        if (
+            not isinstance(header, dict)
+            or header.keys() != _HEADER_MEMBERS
+            or header["alg"] != "kms"
+            or header["enc"] != "A256GCM"
+            or not isinstance(header["kid"], str)
+            or not isinstance(header["jti"], str)
+            or not 0 < len(wrapped) <= _MAX_WRAPPED_KEY_BYTES
+            or len(iv) != _IV_BYTES
+            or len(tag) != _TAG_BYTES
+            or len(ciphertext) > _MAX_CIPHERTEXT_BYTES
+        ):
+            raise DecryptionError(code="meta_data_malformed")
+        kid = _allowed(self._providers, header["kid"], allowed_keys)
+        if header["jti"] != jti:  # moved from another token
+            raise DecryptionError(code="decryption_failed")
+        aead = self._unwrap(kid, wrapped, iss, aud)
+        try:
+            return aead.decrypt(iv, ciphertext + tag, parts[0].encode("ascii"))
+        except InvalidTag:
+            raise DecryptionError(code="decryption_failed") from None
+
+    def _unwrap(self, kid: str, wrapped: bytes, iss: str, aud: str) -> AESGCM:
+        slot = (kid, wrapped, iss, aud)
+        if self._cache is not None:
+            with self._lock:
+                aead = self._cache.get(slot)
+                if aead is not None:
+                    self.cache_hits += 1
+                    return aead
+                self.cache_misses += 1
+        data_key = self._providers.decrypt(kid, wrapped, envelope_context(iss, aud))
+        if len(data_key) != 32:
+            raise DecryptionError(code="decryption_failed")
+        aead = AESGCM(data_key)
+        if self._cache is not None:
+            with self._lock:
+                self._cache[slot] = aead
+        return aead
+
+
+def _allowed(providers: KeyProviders, kid: str, allowed_keys: Sequence[str]) -> str:
+    """The canonical URI of ``kid`` if the issuer allows it; else ``kms_key_not_allowed``."""
+    if kid in allowed_keys:
+        return kid
+    try:
+        canonical = providers.canonical_uri(kid)
+    except ConfigError:
+        raise DecryptionError(code="kms_key_not_allowed") from None
+    if canonical not in allowed_keys:
+        raise DecryptionError(code="kms_key_not_allowed")
+    return canonical
+
+
+# -- kms-direct -------------------------------------------------------------------------------
+
+
+def seal_kms_direct(
+    providers: KeyProviders, key_uri: str, plaintext: bytes, context: Mapping[str, str] | None
+) -> str:
+    """One KMS Encrypt of the card JSON; standard base64 of the ciphertext."""
+    return base64.b64encode(providers.encrypt(key_uri, plaintext, context)).decode("ascii")
+
+
+def decode_kms_direct(meta_data: str) -> bytes:
+    """The KMS ciphertext inside ``kms-direct`` ``meta_data`` (``meta_data_malformed``)."""
+    if len(meta_data) > MAX_META_DATA_CHARS:
+        raise DecryptionError(code="meta_data_malformed")
+    try:
+        blob = b64_decode_lenient_alphabet(meta_data)
+    except ValueError:
+        raise DecryptionError(code="meta_data_malformed") from None
+    if not blob:
+        raise DecryptionError(code="meta_data_malformed")
+    return blob
+
+
+def open_kms_direct(
+    providers: KeyProviders,
+    blob: bytes,
+    *,
+    allowed_keys: Sequence[str],
+    context: Mapping[str, str] | None,
+) -> bytes:
+    """Decrypt a KMS ciphertext, naming each allowed key in turn.
+
+    ``kms_key_not_allowed`` when every allowed key says the ciphertext is not under it;
+    ``decryption_failed`` when the right key refuses it (wrong context, tampering).
+    """
+    failure: DecryptionError | None = None
+    for key_uri in allowed_keys:
+        try:
+            return providers.decrypt(key_uri, blob, context)
+        except DecryptionError as err:
+            if err.code != "kms_key_not_allowed":
+                failure = err
+    if failure is not None:
+        raise DecryptionError(code="decryption_failed")
+    raise DecryptionError(code="kms_key_not_allowed")

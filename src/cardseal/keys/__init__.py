@@ -1,0 +1,1 @@
+"""Key providers (KMS) and signing keys, each behind a small interface."""
