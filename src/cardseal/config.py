@@ -29,7 +29,7 @@ from cardseal.envelope import (
 )
 from cardseal.errors import ConfigError
 from cardseal.keys.base import KeyProvider, KeyProviders, scheme_of
-from cardseal.keys.jwk import VerificationKeySet
+from cardseal.keys.jwk import KeySource, VerificationKey, VerificationKeySet
 from cardseal.keys.local import LocalKeyProvider
 from cardseal.keys.signing import PemSigner, Signer
 from cardseal.opener import CardOpener
@@ -234,15 +234,23 @@ def build_sealer(settings: Settings, providers: KeyProviders | None = None) -> S
     )
 
 
-def load_verification_keys(settings: Settings, specs: list[str]) -> VerificationKeySet:
-    keys = []
-    for spec in specs:
-        if spec.startswith(("https://", "http://")):
-            from cardseal.keys.jwks_url import fetch_jwks_once
+def load_verification_keys(settings: Settings, specs: list[str]) -> KeySource:
+    """Files (JWKS or PEM) merge into one fixed set; a JWKS URL is a refreshing source.
 
-            keys.extend(fetch_jwks_once(spec))
-        else:
-            keys.extend(VerificationKeySet.load(settings.path(spec)))
+    An issuer names either files or one URL, not both.
+    """
+    urls = [s for s in specs if "://" in s]
+    if urls:
+        if len(specs) != 1:
+            raise ConfigError("An issuer's verification_keys is one JWKS URL or a list of files.")
+        from cardseal.keys.jwks_url import RemoteJwks
+
+        return RemoteJwks(urls[0])
+    keys: list[VerificationKey] = []
+    for spec in specs:
+        keys.extend(VerificationKeySet.load(settings.path(spec)))
+    if not keys:
+        raise ConfigError("An issuer's verification key files hold no signing keys.")
     return VerificationKeySet(keys)
 
 

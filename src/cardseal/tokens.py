@@ -21,7 +21,7 @@ from cardseal._currencies import CURRENCIES
 from cardseal._encoding import loads_strict
 from cardseal.envelope import FORMATS, decode_kms_direct
 from cardseal.errors import ConfigError, DecryptionError, TokenError
-from cardseal.keys.jwk import VerificationKey, VerificationKeySet
+from cardseal.keys.jwk import KeySource, VerificationKey
 
 TOKEN_TYPE: Final = "card+jwt"  # noqa: S105 - a media type, not a secret
 DEFAULT_LEEWAY: Final = 30
@@ -79,7 +79,7 @@ class IssuerPolicy:
 
     iss: str
     audience: str
-    keys: VerificationKeySet
+    keys: KeySource
     allowed_kms_keys: tuple[str, ...]
     algorithms: frozenset[str] = frozenset({"RS256"})
     formats: frozenset[str] = frozenset({"envelope"})
@@ -98,8 +98,6 @@ class IssuerPolicy:
             raise ConfigError(f"Issuer {self.iss!r}: max_lifetime must be 1..{MAX_LIFETIME_CAP}.")
         if not self.allowed_kms_keys:
             raise ConfigError(f"Issuer {self.iss!r}: allow at least one KMS key.")
-        if len(self.keys) == 0:
-            raise ConfigError(f"Issuer {self.iss!r}: no verification keys.")
 
 
 _SEAL: Final = object()

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -111,6 +111,17 @@ class VerificationKey:
         if self.alg is not None:
             jwk["alg"] = self.alg
         return jwk
+
+
+class KeySource(Protocol):
+    """Where an issuer's verification keys come from: a fixed set, or a JWKS URL that
+    refreshes (``cardseal.keys.jwks_url.RemoteJwks``)."""
+
+    def get(self, kid: str) -> VerificationKey | None:
+        """The key with this ``kid``; a remote source may refetch (rate-limited) first."""
+
+    def __iter__(self) -> Iterator[VerificationKey]:
+        """Every key known now (legacy tokens without ``kid`` try each)."""
 
 
 class VerificationKeySet:

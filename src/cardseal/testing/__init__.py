@@ -6,6 +6,7 @@ Nothing here touches a network; ``LocalSetup`` builds every core object on a tem
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,9 +106,9 @@ class LocalSetup:
             max_lifetime=max_lifetime,
             legacy=legacy,
         )
-        extra = {"now": now} if now is not None else {}
+        clock = now if now is not None else time.time
         sealer = Sealer(signer=signer, issuer=ISSUER, audience=AUDIENCE, kms_key="local://main",
-                        providers=providers, format=format, reuse=reuse, **extra)
-        verifier = TokenVerifier(issuers=[policy], **extra)
+                        providers=providers, format=format, reuse=reuse, now=clock)
+        verifier = TokenVerifier(issuers=[policy], now=clock)
         opener = CardOpener(providers=providers, issuers=[policy])
         return cls(base, providers, signer, policy, sealer, verifier, opener)
