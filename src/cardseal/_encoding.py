@@ -142,9 +142,12 @@ def loads_strict(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_JSON
     nesting deeper than ``max_depth``, duplicate object members, NaN/Infinity, numbers that
     overflow a float, integers of more than 20 digits.
     """
-    if len(data) > max_bytes:
+    if len(data) > max_bytes:  # cheap first: a str has at most as many characters as bytes
         raise ValueError("JSON too large")
-    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if len(raw) > max_bytes:
+        raise ValueError("JSON too large")
+    text = raw.decode("utf-8")
     if not _depth_within(text, max_depth):
         raise ValueError("JSON nested too deeply")
     try:

@@ -292,3 +292,12 @@ def fingerprint_secret(settings: Settings) -> bytes:
     if len(secret) < 32:
         raise ConfigError("gateway.fingerprint_secret must be at least 32 characters.")
     return secret.encode()
+
+
+def database_url(settings: Settings) -> str:
+    """The configured database URL, a relative SQLite path anchored at the config's folder."""
+    url = settings.gateway.database_url
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+        return prefix + str(settings.path(url[len(prefix):]))
+    return url

@@ -91,9 +91,9 @@ legacy = false
 def _write(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # an existing file keeps its mode on open: fix it before writing
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
-    os.chmod(path, mode)
 
 
 def self_signed_cert(hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> tuple[

@@ -77,8 +77,7 @@ class VerificationKey:
         keys whose ``use`` or ``key_ops`` do not allow verification."""
         if not isinstance(jwk, Mapping):
             raise ConfigError("A JWK must be a JSON object.")
-        if "d" in jwk or "p" in jwk or jwk.get("kty") == "oct":
-            raise ConfigError("A verification key set must hold public keys only.")
+        _refuse_secret(jwk)
         if jwk.get("use", "sig") != "sig":
             raise ConfigError("The JWK is not for signatures (use).")
         ops = jwk.get("key_ops")
@@ -111,6 +110,11 @@ class VerificationKey:
         if self.alg is not None:
             jwk["alg"] = self.alg
         return jwk
+
+
+def _refuse_secret(jwk: Mapping[str, Any]) -> None:
+    if "d" in jwk or "p" in jwk or jwk.get("kty") == "oct":
+        raise ConfigError("A verification key set must hold public keys only.")
 
 
 class KeySource(Protocol):
@@ -154,6 +158,8 @@ class VerificationKeySet:
             raise ConfigError(f"A JWKS needs a 'keys' list of at most {MAX_JWKS_KEYS} keys.")
         usable = []
         for jwk in keys:
+            if isinstance(jwk, Mapping):
+                _refuse_secret(jwk)  # before skipping: a private key of any use spoils the set
             if isinstance(jwk, Mapping) and (
                 jwk.get("use", "sig") != "sig"
                 or ("key_ops" in jwk and "verify" not in (jwk.get("key_ops") or []))

@@ -184,7 +184,10 @@ def _write_private(path: Path, document: dict[str, Any]) -> None:
     """Write JSON readable by the owner only (0600), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A stale temporary file would keep its own mode (O_CREAT sets it only on creation), and a
+    # symlink there would be followed: remove it and create afresh, exclusively.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(document, handle, indent=2)
         handle.write("\n")

@@ -1,0 +1,217 @@
+"""The gateway's FastAPI app, built by ``create_app(settings)``; nothing connects at import.
+
+Every error leaves as the contract's body ``{"error": {"code", "message"}}``; FastAPI's default
+validation error (which echoes the input) is replaced by ``request_invalid``; 503s carry
+``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Final
+
+import structlog
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cardseal.config import (
+    Settings,
+    build_issuer_policies,
+    build_opener,
+    build_providers,
+    build_verifier,
+    database_url,
+    fingerprint_secret,
+)
+from cardseal.errors import CardsealError, RequestError, StorageError
+from cardseal.gateway.metrics import Metrics
+from cardseal.gateway.payments import Outcome, PaymentService, error_outcome
+from cardseal.gateway.schemas import ErrorBody, HealthOut, PaymentOut, PaymentRequest
+from cardseal.processor.base import PaymentProcessor
+from cardseal.processor.sandbox import SandboxProcessor
+from cardseal.storage.migrate import check_schema
+from cardseal.storage.sql import SqlStore
+
+RETRY_AFTER_SECONDS: Final = "2"
+_JSON: Final = "application/json"
+_log = structlog.get_logger("cardseal.gateway")
+
+_ERRORS: Final[dict[int | str, dict[str, Any]]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (400, "request_invalid, meta_data_malformed, decryption_failed, kms_key_not_allowed, "
+              "amount_mismatch"),
+        (401, "token_* codes, unauthorized"),
+        (402, "payment_declined (with decline_code and payment_id)"),
+        (404, "not_found"),
+        (409, "token_replayed, idempotency_conflict"),
+        (413, "request_too_large"),
+        (422, "card_number_invalid, card_expired, card_cvv_invalid, card_brand_unsupported"),
+        (503, "kms_unavailable, processor_unavailable, storage_unavailable (Retry-After)"),
+    )
+}
+
+
+def _send(outcome: Outcome) -> Response:
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if outcome.status == 503 else None
+    return Response(outcome.body, status_code=outcome.status, media_type=_JSON, headers=headers)
+
+
+def _error(err: CardsealError) -> Response:
+    return _send(error_outcome(err))
+
+
+def _route_of(path: str) -> str:
+    if path.startswith("/v1/payments/"):
+        return "/v1/payments/{id}"
+    if path in ("/v1/payments", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
+        return path
+    return "other"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    processor: PaymentProcessor | None = None,
+    check_migrations: bool = True,
+) -> FastAPI:
+    """Build the gateway for ``settings``. Connections open in the app's lifespan."""
+    providers = build_providers(settings)
+    policies = build_issuer_policies(settings)
+    opener = build_opener(settings, policies, providers)
+    store = SqlStore(url=database_url(settings))
+    service = PaymentService(
+        store=store,
+        verifier=build_verifier(settings, policies),
+        opener=opener,
+        processor=processor or SandboxProcessor(),
+        fingerprint_secret=fingerprint_secret(settings),
+    )
+    metrics = Metrics(providers, opener.envelope)
+    max_body = settings.gateway.max_body_bytes
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if check_migrations:
+            check_schema(database_url(settings))
+        _log.info("gateway_started", issuers=[p.iss for p in policies])
+        yield
+        await store.close()
+
+    app = FastAPI(
+        title="cardseal gateway",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Takes sealed card tokens and charges them. See CONTRACT.md section 5.",
+    )
+    app.state.store = store
+    app.state.metrics = metrics
+    app.state.providers = providers
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                      ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = _route_of(request.url.path)
+        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, _exc: RequestValidationError) -> Response:
+        return _error(RequestError("The request does not match the schema."))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return _error(CardsealError(code="not_found"))
+        body = {"error": {"code": "request_invalid", "message": "Method or request not allowed."}}
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(CardsealError)
+    async def _cardseal(_request: Request, exc: CardsealError) -> Response:
+        return _error(exc)
+
+    @app.post(
+        "/v1/payments",
+        status_code=201,
+        response_model=PaymentOut,
+        responses=_ERRORS,
+        openapi_extra={"requestBody": {"required": True, "content": {_JSON: {
+            "schema": PaymentRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        }}}},
+    )
+    async def create_payment(
+        request: Request,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key",
+                                                      max_length=255)] = None,
+    ) -> Response:
+        """Charge the card sealed in ``token``. See the contract for every error code."""
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+            outcome = error_outcome(RequestError(code="request_too_large"))
+        else:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_body:
+                    break
+            if len(body) > max_body:
+                outcome = error_outcome(RequestError(code="request_too_large"))
+            else:
+                outcome = await service.create(bytes(body), idempotency_key)
+        metrics.outcomes.labels(outcome.code).inc()
+        _log.info("payment", outcome=outcome.code, status=outcome.status)
+        return _send(outcome)
+
+    @app.get("/v1/payments/{payment_id}", response_model=PaymentOut,
+             responses={401: _ERRORS[401], 404: _ERRORS[404], 503: _ERRORS[503]})
+    async def get_payment(
+        payment_id: str,
+        authorization: Annotated[str | None, Header(max_length=512)] = None,
+    ) -> Response:
+        """A payment of the API key's issuer; 404 for unknown and other issuers' alike."""
+        scheme, _, api_key = (authorization or "").partition(" ")
+        issuer = await store.issuer_for_api_key(api_key) if scheme == "Bearer" else None
+        if issuer is None:
+            return _error(CardsealError(code="unauthorized"))
+        payment = await service.get(payment_id, issuer) if len(payment_id) <= 40 else None
+        if payment is None:
+            return _error(CardsealError(code="not_found"))
+        return JSONResponse(payment)
+
+    @app.get("/healthz", response_model=HealthOut)
+    async def healthz() -> dict[str, Any]:
+        """Alive."""
+        return {"status": "ok", "checks": {}}
+
+    @app.get("/readyz", response_model=HealthOut, responses={503: _ERRORS[503]})
+    async def readyz() -> Response:
+        """Ready: the database (ledger and replay store) answers and the KMS keys resolve."""
+        try:
+            await store.ping()
+        except StorageError as err:
+            return _error(err)
+        try:
+            for policy in policies:
+                for key in policy.allowed_kms_keys:
+                    providers.canonical_uri(key)
+        except CardsealError:
+            return _error(CardsealError(code="kms_unavailable"))
+        return JSONResponse({"status": "ready", "checks": {"database": "ok", "kms": "ok"}})
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus"}})
+    async def prometheus() -> Response:
+        """Prometheus exposition format."""
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+

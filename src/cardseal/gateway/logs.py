@@ -1,0 +1,97 @@
+"""Structured JSON logs (structlog) with a redaction processor in front of every renderer.
+
+The processor drops values under known secret keys, masks every Luhn-valid run of 13-19
+digits (BIN + last four kept, as PCI DSS 3.4.1 allows), and replaces anything shaped like a
+JWS/JWE with a marker. Standard-library records (uvicorn's) pass through the same chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, Final
+
+import structlog
+
+from cardseal.card import luhn_valid
+
+SECRET_KEYS: Final = frozenset({
+    "token", "meta_data", "card_number", "pan", "cvv", "cvc", "authorization", "api_key",
+    "data_key", "plaintext", "password", "secret", "fingerprint_secret", "private_key", "body",
+})
+_DIGIT_RUN: Final = re.compile(r"(?<!\d)\d(?:[ -]?\d){12,18}(?!\d)")
+_JOSE: Final = re.compile(r"eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){2,4}")
+
+
+def _mask_run(match: re.Match[str]) -> str:
+    digits = re.sub(r"[ -]", "", match.group(0))
+    if 13 <= len(digits) <= 19 and luhn_valid(digits):
+        return digits[:6] + "*" * (len(digits) - 10) + digits[-4:]
+    return match.group(0)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with PAN-like digit runs masked and JOSE objects replaced."""
+    if any(c.isdigit() for c in text):
+        text = _DIGIT_RUN.sub(_mask_run, text)
+    if "eyJ" in text:
+        text = _JOSE.sub("[redacted-jose]", text)
+    return text
+
+
+def _redact(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if depth > 4:
+        return "[redacted-deep]"
+    if isinstance(value, Mapping):
+        return {k: ("[redacted]" if str(k).lower() in SECRET_KEYS else _redact(v, depth + 1))
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(v, depth + 1) for v in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return redact_text(repr(value))
+
+
+def redact_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: redact every value of the event (keys named in SECRET_KEYS go)."""
+    for key in list(event_dict):
+        if key.lower() in SECRET_KEYS:
+            event_dict[key] = "[redacted]"
+        else:
+            event_dict[key] = _redact(event_dict[key])
+    return event_dict
+
+
+def configure_logging(level: str = "INFO", stream: Any = None) -> None:
+    """JSON lines on ``stream`` (stderr) for structlog and the standard library alike."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_processor,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.JSONRenderer()],
+        foreign_pre_chain=shared,
+    ))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers = []
+        logging.getLogger(name).propagate = True

@@ -1,0 +1,223 @@
+"""``POST /v1/payments`` as a service: verify, reserve, decrypt at the last moment, charge,
+record, forget.
+
+Order of work for one request (each step's failure is the contract code in brackets):
+1. body size and strict JSON [request_too_large, request_invalid];
+2. with an ``Idempotency-Key``: claim it under the token's issuer, or replay the stored
+   response [idempotency_conflict];
+3. verify the token [token_*]; resolve amount and currency [amount_mismatch];
+4. reserve the token for one charge [token_replayed];
+5. in a worker thread: decrypt ``meta_data`` and validate the card [meta_data_*, decryption_failed,
+   kms_*, card_*], then charge it [processor_unavailable]; the card never leaves that thread;
+6. record the payment and mark the token done in one transaction [storage_unavailable].
+Retryable failures (KMS, processor, storage) give the token back and forget the idempotency key,
+so the client's retry is charged under the same payment id (the processor's idempotency key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from cardseal import jws
+from cardseal._currencies import CURRENCIES
+from cardseal._encoding import loads_strict
+from cardseal.card import CardView
+from cardseal.errors import CardsealError, RequestError
+from cardseal.gateway.schemas import PaymentRequest
+from cardseal.opener import CardOpener
+from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
+from cardseal.storage.sql import SqlStore, replay_id
+from cardseal.tokens import TokenVerifier, VerifiedToken
+
+_RETRYABLE = frozenset({"kms_unavailable", "processor_unavailable", "storage_unavailable"})
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What to send: the status, the exact body bytes, and the outcome code for metrics."""
+
+    status: int
+    body: bytes
+    code: str
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def error_outcome(err: CardsealError) -> Outcome:
+    return Outcome(err.http_status, _dumps(err.to_dict()), err.code)
+
+
+def _unverified_issuer(token: str) -> str | None:
+    """The ``iss`` a token claims, unverified: only to scope an idempotency key lookup."""
+    try:
+        claims = loads_strict(jws.parse_compact(token).payload, max_bytes=jws.MAX_PAYLOAD_BYTES)
+    except (CardsealError, ValueError):
+        return None
+    iss = claims.get("iss") if isinstance(claims, dict) else None
+    return iss if isinstance(iss, str) and len(iss) <= 255 else None
+
+
+def payment_json(row: dict[str, Any]) -> dict[str, Any]:
+    """The contract's ``PAYMENT`` from a ledger row."""
+    created: datetime = row["created_at"]
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    body: dict[str, Any] = {
+        "id": row["id"],
+        "status": row["status"],
+        "amount": row["amount"],
+        "currency": row["currency"],
+        "reference": row["reference"],
+        "card": {
+            "brand": row["card_brand"],
+            "last4": row["card_last4"],
+            "masked": row["card_masked"],
+            "exp_month": row["card_exp_month"],
+            "exp_year": row["card_exp_year"],
+            "fingerprint": row["card_fingerprint"],
+        },
+        "issuer": row["issuer"],
+        "created_at": created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if row.get("decline_code"):
+        body["decline_code"] = row["decline_code"]
+    return body
+
+
+class PaymentService:
+    def __init__(
+        self,
+        *,
+        store: SqlStore,
+        verifier: TokenVerifier,
+        opener: CardOpener,
+        processor: PaymentProcessor,
+        fingerprint_secret: bytes,
+    ) -> None:
+        self._store = store
+        self._verifier = verifier
+        self._opener = opener
+        self._processor = processor
+        self._fingerprint_secret = fingerprint_secret
+
+    async def create(self, body: bytes, idempotency_key: str | None) -> Outcome:
+        try:
+            request = PaymentRequest.model_validate_json(body)
+        except ValidationError:
+            return error_outcome(RequestError("The request body does not match the schema."))
+        except ValueError:
+            return error_outcome(RequestError("The request body is not valid JSON."))
+        if request.currency is not None and request.currency.upper() not in CURRENCIES:
+            return error_outcome(RequestError("Unknown currency."))
+        if idempotency_key is None:
+            return await self._create(request)
+        if not 1 <= len(idempotency_key) <= 255 or not idempotency_key.isprintable():
+            return error_outcome(RequestError("Idempotency-Key must be 1-255 characters."))
+        issuer = _unverified_issuer(request.token)
+        if issuer is None:  # nothing to scope the key by: the token is refused anyway
+            return await self._create(request)
+        request_hash = hashlib.sha256(_dumps(request.model_dump())).hexdigest()
+        try:
+            stored = await self._store.begin_idempotent(issuer, idempotency_key, request_hash)
+        except CardsealError as err:
+            return error_outcome(err)
+        if stored is not None:
+            return Outcome(stored.status_code, stored.body.encode(), "idempotent_replay")
+        outcome = await self._create(request)
+        try:
+            if outcome.code in _RETRYABLE:
+                await self._store.abandon_idempotent(issuer, idempotency_key)
+            else:
+                await self._store.finish_idempotent(
+                    issuer, idempotency_key, outcome.status, outcome.body.decode())
+        except CardsealError as err:
+            return error_outcome(err)
+        return outcome
+
+    async def _create(self, request: PaymentRequest) -> Outcome:
+        try:
+            verified = self._verifier.verify(request.token)
+            amount, currency, reference = self._charge_terms(verified, request)
+        except CardsealError as err:
+            return error_outcome(err)
+        rid = replay_id(verified.issuer.iss, verified.replay_key)
+        expires_at = verified.exp + self._verifier.leeway
+        try:
+            payment_id = await self._store.reserve_token(rid, expires_at)
+        except CardsealError as err:
+            return error_outcome(err)
+        try:
+            result, view = await run_in_threadpool(
+                self._charge, verified, payment_id, amount, currency, reference)
+        except CardsealError as err:
+            await self._settle_failed(rid, err)
+            return error_outcome(err)
+        row = {
+            "id": payment_id, "issuer": verified.issuer.iss, "status": result.status,
+            "amount": amount, "currency": currency, "reference": reference,
+            "card_brand": view.brand, "card_last4": view.last4, "card_masked": view.masked,
+            "card_exp_month": view.exp_month, "card_exp_year": view.exp_year,
+            "card_fingerprint": view.fingerprint, "decline_code": result.decline_code,
+            "processor_ref": result.processor_ref, "replay_id": rid,
+            "created_at": datetime.now(UTC).replace(microsecond=0),
+        }
+        try:
+            await self._store.record_payment(row)
+        except CardsealError as err:
+            await self._settle_failed(rid, err)
+            return error_outcome(err)
+        if result.status == "declined":
+            error = {"error": {"code": "payment_declined", "message": "The payment was declined.",
+                               "decline_code": result.decline_code, "payment_id": payment_id}}
+            return Outcome(402, _dumps(error), "payment_declined")
+        return Outcome(201, _dumps(payment_json(row)), "authorized")
+
+    def _charge_terms(
+        self, verified: VerifiedToken, request: PaymentRequest
+    ) -> tuple[int, str, str | None]:
+        claim = verified.payment
+        currency = request.currency.upper() if request.currency is not None else None
+        if claim is not None:
+            if (request.amount is not None and request.amount != claim.amount) or (
+                currency is not None and currency != claim.currency
+            ) or (request.reference is not None and claim.reference is not None
+                  and request.reference != claim.reference):
+                raise RequestError(code="amount_mismatch")
+            return claim.amount, claim.currency, claim.reference or request.reference
+        if request.amount is None or currency is None:
+            raise RequestError("amount and currency are required when the token has no payment.")
+        return request.amount, currency, request.reference
+
+    def _charge(
+        self, verified: VerifiedToken, payment_id: str, amount: int, currency: str,
+        reference: str | None,
+    ) -> tuple[ChargeResult, CardView]:
+        """Decrypt, validate, charge; runs in a worker thread. The card dies with this frame."""
+        card = self._opener.open_card(verified)
+        result = self._processor.charge(ChargeRequest(
+            payment_id=payment_id, amount=amount, currency=currency, reference=reference,
+            card=card))
+        return result, card.view(self._fingerprint_secret)
+
+    async def _settle_failed(self, rid: str, err: CardsealError) -> None:
+        """Give the token back after a retryable failure; spend it after a final one."""
+        try:
+            if err.code in _RETRYABLE:
+                await self._store.release_token(rid)
+            else:
+                await self._store.spend_token(rid)
+        except CardsealError:
+            pass  # the reservation stays pending: the token is refused, never charged twice
+
+    async def get(self, payment_id: str, issuer: str) -> dict[str, Any] | None:
+        row = await self._store.get_payment(payment_id, issuer)
+        return payment_json(row) if row is not None else None

@@ -1,0 +1,58 @@
+"""Run the gateway under uvicorn: HTTPS with the configured certificate, N worker processes."""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+import structlog
+import uvicorn
+from fastapi import FastAPI
+
+from cardseal.config import Settings, load_settings
+from cardseal.errors import ConfigError
+from cardseal.gateway.logs import configure_logging
+
+_CONFIG_ENV: Final = "CARDSEAL_CONFIG"
+
+
+def app_from_env() -> FastAPI:
+    """The uvicorn factory for each worker: settings from ``$CARDSEAL_CONFIG``."""
+    from cardseal.gateway.app import create_app
+
+    configure_logging()
+    return create_app(load_settings(os.environ.get(_CONFIG_ENV)))
+
+
+def serve(settings: Settings, config_path: str, *, host: str | None = None,
+          port: int | None = None, workers: int | None = None) -> None:
+    """Serve until interrupted. HTTPS unless ``gateway.insecure_http`` is set."""
+    gateway = settings.gateway
+    os.environ[_CONFIG_ENV] = str(config_path)
+    configure_logging()
+    log = structlog.get_logger("cardseal.gateway")
+    ssl: dict[str, str] = {}
+    if gateway.insecure_http:
+        log.warning(
+            "insecure_http",
+            message="Serving PLAIN HTTP: card tokens cross the network unencrypted. Only run "
+                    "this behind a TLS-terminating proxy on the same host or a private link.",
+        )
+    else:
+        cert, key = settings.path(gateway.tls_cert), settings.path(gateway.tls_key)
+        if not cert.is_file() or not key.is_file():
+            raise ConfigError("gateway.tls_cert / tls_key not found; run 'cardseal init' or "
+                              "set them (or insecure_http behind a TLS proxy).")
+        ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    uvicorn.run(
+        "cardseal.gateway.server:app_from_env",
+        factory=True,
+        host=host or gateway.host,
+        port=port or gateway.port,
+        workers=workers or gateway.workers,
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+        **ssl,  # type: ignore[arg-type]
+    )
