@@ -33,10 +33,17 @@ walkthrough: venv
 	  | $(VENV)/bin/cardseal --config $(DEV_DIR)/walkthrough/cardseal.toml seal --amount 1999 --currency USD \
 	  | $(VENV)/bin/cardseal --config $(DEV_DIR)/walkthrough/cardseal.toml open -
 
-run: walkthrough
+# The gateway on embedded defaults (local KMS, SQLite, sandbox processor, HTTPS).
+run: venv
+	@test -f $(DEV_DIR)/gateway/cardseal.toml || $(VENV)/bin/cardseal init --dir $(DEV_DIR)/gateway
+	@$(VENV)/bin/cardseal --config $(DEV_DIR)/gateway/cardseal.toml db upgrade > /dev/null
+	@echo "cardseal gateway: https://127.0.0.1:8443  (CA: $(DEV_DIR)/gateway/tls/cert.pem)"
+	@echo "pay against it from another shell:"
+	@echo "  echo '{\"card_number\": \"4242424242424242\", \"expiry_date\": \"12/29\", \"cvv\": \"123\"}' | $(VENV)/bin/cardseal --config $(DEV_DIR)/gateway/cardseal.toml pay --amount 1999 --currency USD"
+	$(VENV)/bin/cardseal --config $(DEV_DIR)/gateway/cardseal.toml serve
 
 bench: venv
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/micro.py
 
 clean:
 	rm -rf $(VENV) $(DEV_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -174,6 +174,7 @@ class EnvelopeOpener:
         self._lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
+        self.observers: list[Callable[[bool], None]] = []  # called with hit=True/False
 
     def open(
         self, meta_data: str, *, allowed_keys: Sequence[str], iss: str, aud: str, jti: str
@@ -225,8 +226,12 @@ class EnvelopeOpener:
                 aead = self._cache.get(slot)
                 if aead is not None:
                     self.cache_hits += 1
-                    return aead
-                self.cache_misses += 1
+                else:
+                    self.cache_misses += 1
+            for observe in self.observers:
+                observe(aead is not None)
+            if aead is not None:
+                return aead
         data_key = self._providers.decrypt(kid, wrapped, envelope_context(iss, aud))
         if len(data_key) != 32:
             raise DecryptionError(code="decryption_failed")

@@ -34,6 +34,7 @@ from cardseal.gateway.schemas import ErrorBody, HealthOut, PaymentOut, PaymentRe
 from cardseal.processor.base import PaymentProcessor
 from cardseal.processor.sandbox import SandboxProcessor
 from cardseal.storage.migrate import check_schema
+from cardseal.storage.replay import build_replay_store
 from cardseal.storage.sql import SqlStore
 
 RETRY_AFTER_SECONDS: Final = "2"
@@ -84,8 +85,10 @@ def create_app(
     policies = build_issuer_policies(settings)
     opener = build_opener(settings, policies, providers)
     store = SqlStore(url=database_url(settings))
+    replay = build_replay_store(settings.gateway.replay_store, store)
     service = PaymentService(
         store=store,
+        replay=replay,
         verifier=build_verifier(settings, policies),
         opener=opener,
         processor=processor or SandboxProcessor(),
@@ -100,6 +103,7 @@ def create_app(
             check_schema(database_url(settings))
         _log.info("gateway_started", issuers=[p.iss for p in policies])
         yield
+        await replay.close()
         await store.close()
 
     app = FastAPI(
@@ -197,6 +201,7 @@ def create_app(
         """Ready: the database (ledger and replay store) answers and the KMS keys resolve."""
         try:
             await store.ping()
+            await replay.ping()
         except StorageError as err:
             return _error(err)
         try:
@@ -205,7 +210,8 @@ def create_app(
                     providers.canonical_uri(key)
         except CardsealError:
             return _error(CardsealError(code="kms_unavailable"))
-        return JSONResponse({"status": "ready", "checks": {"database": "ok", "kms": "ok"}})
+        return JSONResponse({"status": "ready",
+                             "checks": {"database": "ok", "replay_store": "ok", "kms": "ok"}})
 
     @app.get("/metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus"}})

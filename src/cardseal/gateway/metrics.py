@@ -1,40 +1,20 @@
-"""Prometheus metrics of one gateway process (or, with PROMETHEUS_MULTIPROC_DIR, of all its
-workers). Labels carry codes and routes only, never request data."""
+"""Prometheus metrics of the gateway. Labels carry codes, routes and operations only.
+
+With several workers (``cardseal serve --workers N``) the server sets
+``PROMETHEUS_MULTIPROC_DIR`` before the workers start; every counter and histogram then lives in
+files there and ``/metrics`` on any worker reports the sum over all of them.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
 
 from cardseal.envelope import EnvelopeOpener
 from cardseal.keys.base import KeyProviders
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-class _KeyCollector(Collector):
-    """KMS calls and data-key cache hits, read from the live objects at scrape time."""
-
-    def __init__(self, providers: KeyProviders, envelope: EnvelopeOpener) -> None:
-        self._providers = providers
-        self._envelope = envelope
-
-    def collect(self) -> Iterator[Any]:
-        calls = CounterMetricFamily("cardseal_kms_calls", "KMS calls by operation",
-                                    labels=["operation"])
-        for operation, count in sorted(self._providers.calls.items()):
-            calls.add_metric([operation], count)
-        yield calls
-        cache = CounterMetricFamily("cardseal_data_key_cache", "Data-key cache lookups",
-                                    labels=["result"])
-        cache.add_metric(["hit"], self._envelope.cache_hits)
-        cache.add_metric(["miss"], self._envelope.cache_misses)
-        yield cache
 
 
 class Metrics:
@@ -46,7 +26,15 @@ class Metrics:
                                 ["code"], registry=self.registry)
         self.latency = Histogram("cardseal_http_request_duration_seconds", "Request latency",
                                  ["route"], buckets=_BUCKETS, registry=self.registry)
-        self.registry.register(_KeyCollector(providers, envelope))
+        self.kms_calls = Counter("cardseal_kms_calls", "KMS calls by operation",
+                                 ["operation"], registry=self.registry)
+        self.cache = Counter("cardseal_data_key_cache", "Unwrapped data-key cache lookups",
+                             ["result"], registry=self.registry)
+        for operation in ("encrypt", "decrypt", "generate_data_key"):
+            self.kms_calls.labels(operation)
+        hit, miss = self.cache.labels("hit"), self.cache.labels("miss")
+        providers.observers.append(lambda operation: self.kms_calls.labels(operation).inc())
+        envelope.observers.append(lambda was_hit: (hit if was_hit else miss).inc())
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

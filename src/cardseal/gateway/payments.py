@@ -33,6 +33,7 @@ from cardseal.errors import CardsealError, RequestError
 from cardseal.gateway.schemas import PaymentRequest
 from cardseal.opener import CardOpener
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
+from cardseal.storage.replay import ReplayStore
 from cardseal.storage.sql import SqlStore, replay_id
 from cardseal.tokens import TokenVerifier, VerifiedToken
 
@@ -98,12 +99,14 @@ class PaymentService:
         self,
         *,
         store: SqlStore,
+        replay: ReplayStore,
         verifier: TokenVerifier,
         opener: CardOpener,
         processor: PaymentProcessor,
         fingerprint_secret: bytes,
     ) -> None:
         self._store = store
+        self._replay = replay
         self._verifier = verifier
         self._opener = opener
         self._processor = processor
@@ -152,7 +155,7 @@ class PaymentService:
         rid = replay_id(verified.issuer.iss, verified.replay_key)
         expires_at = verified.exp + self._verifier.leeway
         try:
-            payment_id = await self._store.reserve_token(rid, expires_at)
+            payment_id = await self._replay.reserve(rid, expires_at)
         except CardsealError as err:
             return error_outcome(err)
         try:
@@ -172,6 +175,7 @@ class PaymentService:
         }
         try:
             await self._store.record_payment(row)
+            await self._replay.done(rid)
         except CardsealError as err:
             await self._settle_failed(rid, err)
             return error_outcome(err)
@@ -212,9 +216,9 @@ class PaymentService:
         """Give the token back after a retryable failure; spend it after a final one."""
         try:
             if err.code in _RETRYABLE:
-                await self._store.release_token(rid)
+                await self._replay.release(rid)
             else:
-                await self._store.spend_token(rid)
+                await self._replay.spend(rid)
         except CardsealError:
             pass  # the reservation stays pending: the token is refused, never charged twice
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Final
 
 import structlog
@@ -14,6 +15,7 @@ from cardseal.errors import ConfigError
 from cardseal.gateway.logs import configure_logging
 
 _CONFIG_ENV: Final = "CARDSEAL_CONFIG"
+_MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def app_from_env() -> FastAPI:
@@ -29,6 +31,10 @@ def serve(settings: Settings, config_path: str, *, host: str | None = None,
     """Serve until interrupted. HTTPS unless ``gateway.insecure_http`` is set."""
     gateway = settings.gateway
     os.environ[_CONFIG_ENV] = str(config_path)
+    count = workers or gateway.workers
+    if count > 1 and not os.environ.get(_MULTIPROC_ENV):
+        # Prometheus multiprocess mode: each worker writes its metrics to files here.
+        os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix="cardseal-metrics-")
     configure_logging()
     log = structlog.get_logger("cardseal.gateway")
     ssl: dict[str, str] = {}
@@ -49,7 +55,7 @@ def serve(settings: Settings, config_path: str, *, host: str | None = None,
         factory=True,
         host=host or gateway.host,
         port=port or gateway.port,
-        workers=workers or gateway.workers,
+        workers=count,
         access_log=False,
         log_config=None,
         server_header=False,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -81,6 +81,7 @@ class KeyProviders:
         self._by_scheme: dict[str, KeyProvider] = {}
         self._lock = threading.Lock()
         self.calls: Counter[str] = Counter()
+        self.observers: list[Callable[[str], None]] = []  # e.g. a Prometheus counter
         for provider in providers:
             self.register(provider)
 
@@ -99,6 +100,8 @@ class KeyProviders:
     def _count(self, operation: str) -> None:
         with self._lock:
             self.calls[operation] += 1
+        for observe in self.observers:
+            observe(operation)
 
     def canonical_uri(self, key_uri: str) -> str:
         return self.provider_for(key_uri).canonical_uri(key_uri)

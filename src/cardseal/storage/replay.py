@@ -1,0 +1,129 @@
+"""Single-use records of tokens: ``SqlReplayStore`` (the default, on the ledger's database) and
+``RedisReplayStore`` (``SET NX`` with the token's expiry, for several gateway instances).
+
+A record moves ``pending`` -> ``done`` (payment recorded), ``spent`` (refused for good) or
+``released`` (a retryable failure gave the token back; the next try reuses the payment id).
+Both stores fail closed: when they cannot answer, the request gets ``storage_unavailable``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from cardseal.errors import ConfigError, StorageError, TokenError
+from cardseal.storage.sql import SqlStore, new_payment_id
+
+
+class ReplayStore(ABC):
+    @abstractmethod
+    async def reserve(self, rid: str, expires_at: int) -> str:
+        """Reserve the token; return the payment id to charge under, or raise
+        ``TokenError(token_replayed)``."""
+
+    @abstractmethod
+    async def release(self, rid: str) -> None: ...
+
+    @abstractmethod
+    async def spend(self, rid: str) -> None: ...
+
+    @abstractmethod
+    async def done(self, rid: str) -> None:
+        """The payment is recorded (the SQL store did this inside the payment's transaction)."""
+
+    @abstractmethod
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None:
+        return None
+
+
+class SqlReplayStore(ReplayStore):
+    """Used tokens in the ledger's database: marked done atomically with the payment row."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+
+    async def reserve(self, rid: str, expires_at: int) -> str:
+        return await self._store.reserve_token(rid, expires_at)
+
+    async def release(self, rid: str) -> None:
+        await self._store.release_token(rid)
+
+    async def spend(self, rid: str) -> None:
+        await self._store.spend_token(rid)
+
+    async def done(self, rid: str) -> None:
+        return None
+
+    async def ping(self) -> None:
+        await self._store.ping()
+
+
+# KEYS[1] = record; ARGV[1] = from state, ARGV[2] = to state. Returns the payment id or nil.
+_TRANSITION: Final = """
+local value = redis.call('GET', KEYS[1])
+if not value then return nil end
+local sep = string.find(value, ':', 1, true)
+if ARGV[1] ~= '*' and string.sub(value, 1, sep - 1) ~= ARGV[1] then return nil end
+local pid = string.sub(value, sep + 1)
+redis.call('SET', KEYS[1], ARGV[2] .. ':' .. pid, 'KEEPTTL')
+return pid
+"""
+
+
+class RedisReplayStore(ReplayStore):
+    """Used tokens in Redis: key = prefix + hash(issuer, jti), expiring at the token's ``exp``
+    plus leeway (``SET NX EXAT``); state changes are atomic Lua scripts."""
+
+    def __init__(self, url: str, *, prefix: str = "cardseal:used:", timeout: float = 2.0,
+                 client: aioredis.Redis | None = None) -> None:
+        self._client: aioredis.Redis = client or aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            health_check_interval=30, retry_on_timeout=False)
+        self._prefix = prefix
+        self._transition: Any = self._client.register_script(_TRANSITION)
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError, TimeoutError) as err:
+            raise StorageError() from err
+
+    async def reserve(self, rid: str, expires_at: int) -> str:
+        key = self._prefix + rid
+        payment_id = new_payment_id()
+        if await self._call(self._client.set(key, "pending:" + payment_id, nx=True,
+                                             exat=expires_at)):
+            return payment_id
+        reused = await self._call(self._transition(keys=[key], args=["released", "pending"]))
+        if reused is None:
+            raise TokenError(code="token_replayed")
+        return reused.decode() if isinstance(reused, bytes) else str(reused)
+
+    async def release(self, rid: str) -> None:
+        await self._call(self._transition(keys=[self._prefix + rid], args=["pending", "released"]))
+
+    async def spend(self, rid: str) -> None:
+        await self._call(self._transition(keys=[self._prefix + rid], args=["*", "spent"]))
+
+    async def done(self, rid: str) -> None:
+        await self._call(self._transition(keys=[self._prefix + rid], args=["*", "done"]))
+
+    async def ping(self) -> None:
+        await self._call(self._client.ping())
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def build_replay_store(spec: str, store: SqlStore) -> ReplayStore:
+    """``database`` (the default) or a ``redis://`` / ``rediss://`` URL."""
+    if spec == "database":
+        return SqlReplayStore(store)
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return RedisReplayStore(spec)
+    raise ConfigError("gateway.replay_store must be 'database' or a redis:// URL.")
