@@ -7,13 +7,15 @@ bounded JSON parses and the signature check. The Wycheproof JWS vectors and the 
 
 Accepted algorithms: RS256/384/512, PS256/384/512 (salt length = hash length), ES256/384/512
 (IEEE P1363 ``r || s`` of exactly twice the coordinate size), EdDSA (Ed25519). Never HS*,
-never ``none``: a verifier here only ever holds public keys.
+never ``none``: a verifier here only ever holds public keys. RSA keys under 2048 bits or with
+the ROCA fingerprint (CVE-2017-15361) verify nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
@@ -37,6 +39,36 @@ _EC_CURVES: Final = {"ES256": ("secp256r1", 32), "ES384": ("secp384r1", 48),
 ALGORITHMS: Final = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
+MIN_RSA_BITS: Final = 2048
+
+# ROCA (CVE-2017-15361): an Infineon-generated modulus is, modulo each of these small primes, in
+# the subgroup that 65537 generates. Bit r of a mask is set when r is in that subgroup. A random
+# modulus passes every test with probability about 2^-28 (the ROCA authors' own fingerprint).
+_ROCA_PRIMES: Final = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71,
+                       73, 79, 83, 89, 97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149,
+                       151, 157, 163, 167)
+_ROCA_MASKS: Final = tuple(
+    sum(1 << r for r in {pow(65537, k, p) for k in range(p)}) for p in _ROCA_PRIMES
+)
+
+
+@lru_cache(maxsize=256)
+def _rsa_modulus_weak(n: int) -> bool:
+    """True for a modulus under ``MIN_RSA_BITS`` or with the ROCA fingerprint."""
+    if n.bit_length() < MIN_RSA_BITS:
+        return True
+    return all((1 << (n % p)) & mask for p, mask in zip(_ROCA_PRIMES, _ROCA_MASKS, strict=True))
+
+
+def _check_rsa_key(key: PublicKey, signature: bytes) -> rsa.RSAPublicKey:
+    """``key`` when it may verify an RSA signature of this length; else ``InvalidSignature``."""
+    if (
+        not isinstance(key, rsa.RSAPublicKey)
+        or len(signature) != (key.key_size + 7) // 8
+        or _rsa_modulus_weak(key.public_numbers().n)
+    ):
+        raise InvalidSignature
+    return key
 
 
 def _verify_rsa_pkcs1(alg: str) -> Callable[[PublicKey, bytes, bytes], None]:
@@ -44,9 +76,7 @@ def _verify_rsa_pkcs1(alg: str) -> Callable[[PublicKey, bytes, bytes], None]:
     digest = _HASHES[alg[2:]]
 
     def verify(key: PublicKey, signature: bytes, data: bytes) -> None:
-        if not isinstance(key, rsa.RSAPublicKey) or len(signature) != (key.key_size + 7) // 8:
-            raise InvalidSignature
-        key.verify(signature, data, pad, digest)
+        _check_rsa_key(key, signature).verify(signature, data, pad, digest)
 
     return verify
 
@@ -56,9 +86,7 @@ def _verify_rsa_pss(alg: str) -> Callable[[PublicKey, bytes, bytes], None]:
     pad = padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size)
 
     def verify(key: PublicKey, signature: bytes, data: bytes) -> None:
-        if not isinstance(key, rsa.RSAPublicKey) or len(signature) != (key.key_size + 7) // 8:
-            raise InvalidSignature
-        key.verify(signature, data, pad, digest)
+        _check_rsa_key(key, signature).verify(signature, data, pad, digest)
 
     return verify
 
@@ -123,6 +151,8 @@ def parse_compact(token: str | bytes, *, max_bytes: int = MAX_TOKEN_BYTES) -> Pa
 
     Checks, in order: size cap, ASCII, exactly three parts, canonical unpadded base64url in
     each, a header that is a JSON object of at most ``MAX_HEADER_BYTES`` with a string ``alg``.
+    An empty signature parses (an unsecured JWS, ``alg: none``), so that the caller's algorithm
+    allow-list names the refusal; no algorithm here verifies an empty signature.
     """
     if isinstance(token, bytes):
         if len(token) > max_bytes:
@@ -137,7 +167,7 @@ def parse_compact(token: str | bytes, *, max_bytes: int = MAX_TOKEN_BYTES) -> Pa
     if len(parts) != 3:
         raise TokenError()
     header_b64, payload_b64, signature_b64 = parts
-    if not header_b64 or not signature_b64:
+    if not header_b64:
         raise TokenError()
     try:
         header = loads_strict(b64url_decode(header_b64), max_bytes=MAX_HEADER_BYTES, max_depth=2)

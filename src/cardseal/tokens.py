@@ -48,6 +48,7 @@ class Payment:
         if (
             type(self.amount) is not int
             or not 0 < self.amount <= 10**12
+            or not isinstance(self.currency, str)  # a list or object is unhashable
             or self.currency not in CURRENCIES
             or (self.reference is not None
                 and (not isinstance(self.reference, str)

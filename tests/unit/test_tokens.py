@@ -245,6 +245,14 @@ def test_exp_that_is_no_integer_numeric_date(setup: LocalSetup, exp: str) -> Non
             "token_malformed")
 
 
+# Regression: a list or object as currency raised TypeError (unhashable) out of verify().
+@pytest.mark.parametrize("payment", [{"amount": 1, "currency": []}, {"amount": 1, "currency": {}},
+                                     {"amount": "1", "currency": "EUR"}, [], "EUR",
+                                     {"amount": 1, "currency": "EUR", "extra": 1}])
+def test_invalid_payment_claim(setup: LocalSetup, payment: object) -> None:
+    refused(setup.verifier, forge(setup, claims={"payment": payment}), "token_malformed")
+
+
 @pytest.mark.parametrize("member", ["iss", "aud", "exp", "jti", "meta_data"])
 def test_duplicate_claim_keys(setup: LocalSetup, member: str) -> None:
     header, claims = decode(setup.sealer.seal(CARD))
