@@ -17,6 +17,7 @@ import typer
 from cardseal import jws
 from cardseal._encoding import b64url_decode, loads_strict
 from cardseal.card import MAX_CARD_JSON_BYTES, Card
+from cardseal.cli_keys import keys_app
 from cardseal.config import (
     Settings,
     build_issuer_policies,
@@ -25,10 +26,11 @@ from cardseal.config import (
     build_sealer,
     build_signer,
     build_verifier,
+    database_url,
     fingerprint_secret,
     load_settings,
 )
-from cardseal.errors import CardsealError, RequestError
+from cardseal.errors import CardsealError, RequestError, TokenError
 from cardseal.keys.jwk import VerificationKeySet
 from cardseal.tokens import Payment
 
@@ -43,14 +45,19 @@ app = typer.Typer(
 _T = TypeVar("_T")
 _state: dict[str, str | None] = {"config": None}
 
-ConfigOption = Annotated[
+RootConfigOption = Annotated[
     str | None,
     typer.Option("--config", envvar="CARDSEAL_CONFIG", help="Path of cardseal.toml."),
+]
+# The same option after the command name; no env var here, so that an explicit ``--config``
+# before the command is never overridden by CARDSEAL_CONFIG.
+ConfigOption = Annotated[
+    str | None, typer.Option("--config", help="Path of cardseal.toml (overrides the root one).")
 ]
 
 
 @app.callback()
-def _main(config: ConfigOption = None) -> None:
+def _main(config: RootConfigOption = None) -> None:
     _state["config"] = config
 
 
@@ -71,8 +78,9 @@ def guarded(body: Callable[[], _T]) -> _T:
         fail(err)
 
 
-def settings() -> Settings:
-    return load_settings(_state["config"])
+def settings(config: str | None = None) -> Settings:
+    """The settings from ``--config`` given after the command, else before it, else the env."""
+    return load_settings(config or _state["config"])
 
 
 def read_stdin_limited(limit: int) -> bytes:
@@ -124,8 +132,16 @@ def init(
     """Write cardseal.toml and development keys (local KMS, signing key, JWKS, TLS cert)."""
     from cardseal.scaffold import init_dir
 
-    config = guarded(lambda: init_dir(dir, force=force, alg=alg))
-    emit({"config": str(config), "next": f"cardseal --config {config} seal < card.json"})
+    def body() -> dict[str, str]:
+        from cardseal.storage.migrate import upgrade
+
+        config = init_dir(dir, force=force, alg=alg)
+        url = database_url(load_settings(config))
+        upgrade(url)
+        return {"config": str(config), "database": url,
+                "next": f"cardseal --config {config} serve"}
+
+    emit(guarded(body))
 
 
 @app.command()
@@ -134,11 +150,12 @@ def seal(
     amount: Annotated[int | None, typer.Option(help="Amount in minor units.")] = None,
     currency: Annotated[str | None, typer.Option(help="ISO 4217 code, e.g. USD.")] = None,
     reference: Annotated[str | None, typer.Option(help="Your order reference.")] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Card JSON on stdin -> token on stdout (a bare line)."""
 
     def body() -> str:
-        s = settings()
+        s = settings(config)
         if format is not None:
             s.client.format = format  # type: ignore[assignment]
         card = read_card()
@@ -151,11 +168,12 @@ def seal(
 def open_(
     token: Annotated[str | None, typer.Argument(help="The token, or - for stdin.")] = None,
     reveal: Annotated[bool, typer.Option("--reveal", help="Also print PAN and CVV.")] = False,
+    config: ConfigOption = None,
 ) -> None:
     """Verify and decrypt a token (does not mark it used)."""
 
     def body() -> dict[str, Any]:
-        s = settings()
+        s = settings(config)
         providers = build_providers(s)
         policies = build_issuer_policies(s)
         verified = build_verifier(s, policies).verify(read_token(token))
@@ -193,9 +211,9 @@ def inspect(
         try:
             claims = loads_strict(parsed.payload, max_bytes=jws.MAX_PAYLOAD_BYTES)
         except ValueError:
-            raise RequestError("The token's claims are not a JSON object.") from None
+            raise TokenError("The token's claims are not a JSON object.") from None
         if not isinstance(claims, dict):
-            raise RequestError("The token's claims are not a JSON object.")
+            raise TokenError("The token's claims are not a JSON object.")
         meta = _describe_meta_data(claims.pop("meta_data", None))
         return {"verified": False, "note": "NOT verified: signature and claims unchecked.",
                 "header": parsed.header, "claims": claims, "meta_data": meta}
@@ -204,15 +222,20 @@ def inspect(
 
 
 @app.command()
-def jwks() -> None:
+def jwks(config: ConfigOption = None) -> None:
     """Print the client's public JWKS (publish it for the gateway)."""
 
     def body() -> dict[str, Any]:
-        s = settings()
+        s = settings(config)
         signer = build_signer(s)
         return VerificationKeySet([signer.verification_key()]).to_jwks()
 
     emit(guarded(body))
+
+
+app.add_typer(keys_app, name="keys")
+
+from cardseal import cli_gateway  # noqa: E402, F401 - registers serve, pay, apikey, db
 
 
 def main() -> None:

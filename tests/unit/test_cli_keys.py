@@ -49,7 +49,7 @@ def seal(config: Path) -> str:
 
 
 def opens(config: Path, token: str) -> bool:
-    return ok(run(config, "open", token))["card"]["last4"] == "4242"
+    return bool(ok(run(config, "open", token))["card"]["last4"] == "4242")
 
 
 def kid_of(token: str) -> str:
@@ -91,20 +91,20 @@ def test_signing_key_rotation_without_downtime(config: Path) -> None:
 
     promoted = ok(run(config, "keys", "promote", "signing", added["key"]))  # 2. it signs
     assert (promoted["kid"], promoted["previous"]) == (added["kid"], old_kid)
-    assert "retire signing " + old_kid in promoted["next"]
+    assert promoted["next"].endswith("cardseal keys retire signing -- " + old_kid)
     after = seal(config)
     assert kid_of(after) == added["kid"]
     assert opens(config, before) and opens(config, after)  # old tokens keep opening
     assert f'signing_key = "keys/signing-{added["kid"][:12]}.pem"     # a PEM private key' in (
         config.read_text())
 
-    refused(run(config, "keys", "retire", "signing", added["kid"]))  # the current signer
-    retired = ok(run(config, "keys", "retire", "signing", old_kid))  # 3. once they expired
+    refused(run(config, "keys", "retire", "signing", "--", added["kid"]))  # the current signer
+    retired = ok(run(config, "keys", "retire", "signing", "--", old_kid))  # 3. once they expired
     assert retired["status"] == "retired"
     assert jwks_kids(config) == [added["kid"]]
     refused(run(config, "open", before), "token_key_unknown", 3)
     assert opens(config, after)
-    refused(run(config, "keys", "retire", "signing", old_kid))  # not published any more
+    refused(run(config, "keys", "retire", "signing", "--", old_kid))  # not published any more
 
 
 def test_a_key_is_published_before_it_may_sign(config: Path, tmp_path: Path) -> None:
@@ -190,3 +190,18 @@ def test_edits_keep_every_comment_and_change_only_the_lines_they_must(config: Pa
     changed = [(a, b) for a, b in zip(original, edited, strict=True) if a != b]
     assert [b.split("=")[0].strip() for _, b in changed] == ["kms_key", "allowed_kms_keys"]
     assert config.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_config_may_follow_the_command_or_come_from_the_environment(config: Path) -> None:
+    expected = ok(run(config, "keys", "list"))
+    after = runner.invoke(app, ["keys", "list", "--config", str(config)], catch_exceptions=False)
+    from_env = runner.invoke(app, ["keys", "list"], env={"CARDSEAL_CONFIG": str(config)},
+                             catch_exceptions=False)
+    assert ok(after) == ok(from_env) == expected
+
+
+def test_an_issuer_on_the_default_algorithms_keeps_them(config: Path) -> None:
+    lines = config.read_text().splitlines(keepends=True)
+    config.write_text("".join(line for line in lines if not line.startswith("algorithms =")))
+    ok(run(config, "keys", "add", "signing", "--alg", "ES256"))
+    assert 'algorithms = ["RS256", "ES256"]' in config.read_text()
