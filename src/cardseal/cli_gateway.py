@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import ssl
 import time
 from typing import Annotated, Any, Final
 
@@ -49,10 +50,12 @@ def serve(
     guarded(lambda: run(s, path, host=host, port=port, workers=workers))
 
 
-def _post(url: str, body: dict[str, Any], headers: dict[str, str], verify: str | bool
-          ) -> httpx.Response:
+def _post(url: str, body: dict[str, Any], headers: dict[str, str],
+          verify: str | bool | ssl.SSLContext) -> httpx.Response:
     """POST with the same Idempotency-Key, retrying connection failures and 503s."""
     last: Exception | None = None
+    if isinstance(verify, str):  # httpx deprecates verify=<path>: it takes an SSL context
+        verify = ssl.create_default_context(cafile=verify)
     with httpx.Client(verify=verify, timeout=httpx.Timeout(30.0, connect=5.0)) as client:
         for attempt in range(_PAY_ATTEMPTS):
             try:

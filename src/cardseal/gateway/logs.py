@@ -92,6 +92,12 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
+    # No access log: its request lines carry query strings and paths, where a careless client
+    # may put a CVV or a card number that no redaction recognises (``serve`` passes
+    # access_log=False; propagating to the root handler here would switch it back on).
+    access = logging.getLogger("uvicorn.access")
+    access.handlers = []
+    access.propagate = False

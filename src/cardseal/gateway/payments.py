@@ -12,6 +12,9 @@ Order of work for one request (each step's failure is the contract code in brack
 6. record the payment and mark the token done in one transaction [storage_unavailable].
 Retryable failures (KMS, processor, storage) give the token back and forget the idempotency key,
 so the client's retry is charged under the same payment id (the processor's idempotency key).
+Requests refused before the token was verified and reserved (token_*, request_invalid,
+amount_mismatch) forget the key too: the key is scoped by an issuer that only verification
+establishes, and a refused request saves no result (as Stripe).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ from cardseal.storage.sql import SqlStore, replay_id
 from cardseal.tokens import TokenVerifier, VerifiedToken
 
 _RETRYABLE = frozenset({"kms_unavailable", "processor_unavailable", "storage_unavailable"})
+# Refused before the token was verified and reserved. As Stripe, such a request saves no
+# idempotent result: the key is forgotten. Above all, a forged token names any ``iss`` it
+# likes, so storing its 401 would let anyone block a merchant's next key.
+_NOT_SAVED = _RETRYABLE | {"request_invalid", "amount_mismatch"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +144,7 @@ class PaymentService:
             return Outcome(stored.status_code, stored.body.encode(), "idempotent_replay")
         outcome = await self._create(request)
         try:
-            if outcome.code in _RETRYABLE:
+            if outcome.code in _NOT_SAVED or outcome.status == 401:  # 401: token_* refused
                 await self._store.abandon_idempotent(issuer, idempotency_key)
             else:
                 await self._store.finish_idempotent(
@@ -175,10 +182,15 @@ class PaymentService:
         }
         try:
             await self._store.record_payment(row)
-            await self._replay.done(rid)
         except CardsealError as err:
             await self._settle_failed(rid, err)
             return error_outcome(err)
+        try:
+            await self._replay.done(rid)
+        except CardsealError:
+            # The payment is recorded: answer it. Never release the token now (a retry would
+            # charge again); its record stays pending, which refuses it all the same.
+            pass
         if result.status == "declined":
             error = {"error": {"code": "payment_declined", "message": "The payment was declined.",
                                "decline_code": result.decline_code, "payment_id": payment_id}}

@@ -129,11 +129,18 @@ class SqlStore:
     # -- ledger -------------------------------------------------------------------------------
 
     async def record_payment(self, row: dict[str, Any]) -> None:
-        """Insert the payment and mark its token done, in one transaction."""
-        async with self._tx() as conn:
-            await conn.execute(insert(payments).values(**row))
-            await conn.execute(update(used_tokens).where(
-                used_tokens.c.replay_id == row["replay_id"]).values(state="done"))
+        """Insert the payment and mark its token done, in one transaction.
+
+        Raises ``TokenError(token_replayed)`` when the ledger already holds a payment for this
+        token (a replay store outside this database lost its record of it).
+        """
+        try:
+            async with self._tx() as conn:
+                await conn.execute(insert(payments).values(**row))
+                await conn.execute(update(used_tokens).where(
+                    used_tokens.c.replay_id == row["replay_id"]).values(state="done"))
+        except IntegrityError:
+            raise TokenError(code="token_replayed") from None
 
     async def get_payment(self, payment_id: str, issuer: str) -> dict[str, Any] | None:
         async with self._tx() as conn:
