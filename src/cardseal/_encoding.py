@@ -12,7 +12,6 @@ import json
 import re
 from typing import Any, Final
 
-_B64URL_CHARS: Final = re.compile(r"[A-Za-z0-9_-]*")
 _B64_STD_OR_URL: Final = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
 # Index of each base64url character, to check that unused trailing bits are zero.
 _B64URL_INDEX: Final = {
@@ -20,7 +19,7 @@ _B64URL_INDEX: Final = {
     for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 }
 
-_URL_TO_STD: Final = str.maketrans("-_", "+/")
+_URL_TO_STD: Final = bytes.maketrans(b"-_+/=", b"+/!!!")
 
 MAX_JSON_DEPTH: Final = 8
 """Deepest nesting of objects and arrays accepted in a header, claim set or card."""
@@ -36,17 +35,25 @@ def b64url_decode(text: str) -> bytes:
     Rejects padding, whitespace, any other character, an impossible length and non-zero unused
     bits in the last character (so that exactly one string encodes each byte string).
     """
-    if not _B64URL_CHARS.fullmatch(text):
-        raise ValueError("not base64url")
-    rem = len(text) % 4
-    if rem == 1:
-        raise ValueError("impossible base64url length")
+    try:
+        raw = text.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError("not base64url") from None
+    # The table maps the url-safe alphabet onto the standard one and "+", "/", "=" onto a
+    # non-alphabet byte, so that strict mode refuses them with every other stray byte.
+    raw = raw.translate(_URL_TO_STD)
+    rem = len(raw) % 4
     if rem:
-        last = _B64URL_INDEX[text[-1]]
-        if last & (0x0F if rem == 2 else 0x03):
+        if rem == 1:
+            raise ValueError("impossible base64url length")
+        last = _B64URL_INDEX.get(text[-1])
+        if last is None or last & (0x0F if rem == 2 else 0x03):
             raise ValueError("non-canonical base64url")
-        text += "=" * (4 - rem)
-    return binascii.a2b_base64(text.translate(_URL_TO_STD), strict_mode=True)
+        raw += b"==" if rem == 2 else b"="
+    try:
+        return binascii.a2b_base64(raw, strict_mode=True)
+    except binascii.Error:
+        raise ValueError("not base64url") from None
 
 
 def b64_decode_lenient_alphabet(text: str) -> bytes:
@@ -140,7 +147,8 @@ def loads_strict(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_JSON
 
     Rejects: more than ``max_bytes``, invalid UTF-8 (and so UTF-16/32), a byte-order mark,
     nesting deeper than ``max_depth``, duplicate object members, NaN/Infinity, numbers that
-    overflow a float, integers of more than 20 digits.
+    overflow a float, integers of more than 20 digits, ``\\uD800``-style escapes of unpaired
+    surrogates (RFC 7493 section 2.1: no database, log or UTF-8 encoder can hold them).
     """
     if len(data) > max_bytes:  # cheap first: a str has at most as many characters as bytes
         raise ValueError("JSON too large")
@@ -151,9 +159,15 @@ def loads_strict(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_JSON
     if not _depth_within(text, max_depth):
         raise ValueError("JSON nested too deeply")
     try:
-        return _DECODER.decode(text)
+        value = _DECODER.decode(text)
     except RecursionError as err:  # pragma: no cover - the depth check comes first
         raise ValueError("JSON nested too deeply") from err
+    if "\\u" in text:  # strict UTF-8 text holds no surrogate: only an escape can make one
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("unpaired surrogate in a JSON string") from None
+    return value
 
 
 def dumps_compact(value: Any) -> bytes:

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Final
 
 from cardseal._encoding import dumps_compact, loads_strict
@@ -71,21 +72,24 @@ _IIN_RANGES: Final[tuple[tuple[int, int, int, _Brand], ...]] = (
 _SCALE: Final = {size: 10 ** (6 - size) for size in range(1, 7)}
 
 
+# Each digit's Luhn contribution when doubled (2d, less 9 when over 9), as ASCII digits.
+_LUHN_DOUBLED: Final = bytes.maketrans(b"0123456789", b"0246813579")
+
+
 def luhn_valid(number: str) -> bool:
-    """True when the digit string passes the Luhn (mod 10) check."""
-    total = 0
-    for i, ch in enumerate(reversed(number)):
-        d = ord(ch) - 48
-        if i & 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    """True when ``number`` is ASCII digits that pass the Luhn (mod 10) check."""
+    if not (number.isascii() and number.isdigit()):
+        return False
+    digits = number.encode("ascii")
+    kept = digits[-1::-2]
+    doubled = digits[-2::-2].translate(_LUHN_DOUBLED)
+    return (sum(kept) + sum(doubled) - 48 * len(digits)) % 10 == 0
 
 
-def _brand_of(pan: str) -> _Brand | None:
-    six = int(pan[:6])
+@lru_cache(maxsize=4096)
+def _brand_of(bin6: str) -> _Brand | None:
+    """The brand of a card whose first six digits are ``bin6`` (cached: a BIN may be shown)."""
+    six = int(bin6)
     for size, low, high, brand in _IIN_RANGES:
         if low <= six // _SCALE[size] <= high:
             return brand
@@ -151,7 +155,7 @@ class Card:
         pan = card_number.replace(" ", "").replace("-", "")
         if not pan or not set(pan) <= _DIGITS or not 12 <= len(pan) <= 19 or not luhn_valid(pan):
             raise CardError(code="card_number_invalid")
-        brand = _brand_of(pan)
+        brand = _brand_of(pan[:6])
         if brand is None:
             raise CardError(code="card_brand_unsupported")
         if len(pan) not in brand.lengths:

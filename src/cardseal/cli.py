@@ -216,7 +216,7 @@ def inspect(
             raise TokenError("The token's claims are not a JSON object.")
         meta = _describe_meta_data(claims.pop("meta_data", None))
         return {"verified": False, "note": "NOT verified: signature and claims unchecked.",
-                "header": parsed.header, "claims": claims, "meta_data": meta}
+                "header": dict(parsed.header), "claims": claims, "meta_data": meta}
 
     emit(guarded(body))
 

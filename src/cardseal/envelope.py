@@ -27,9 +27,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Generic, TypeVar
 
-from cachetools import TTLCache
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -42,6 +41,9 @@ from cardseal._encoding import (
 )
 from cardseal.errors import ConfigError, DecryptionError
 from cardseal.keys.base import KeyProviders
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 PURPOSE: Final = "cardseal/meta_data"
 FORMATS: Final = ("envelope", "kms-direct")
@@ -168,10 +170,9 @@ class EnvelopeOpener:
         if not 0 < cache_ttl <= MAX_CACHE_TTL:
             raise ConfigError(f"data key cache ttl must be in (0, {MAX_CACHE_TTL}] seconds.")
         self._providers = providers
-        self._cache: TTLCache[tuple[str, bytes, str, str], AESGCM] | None = (
-            TTLCache(maxsize=cache_size, ttl=cache_ttl, timer=clock) if cache_size else None
+        self._cache: _TtlCache[tuple[str, bytes, str, str], AESGCM] | None = (
+            _TtlCache(cache_size, cache_ttl, clock) if cache_size else None
         )
-        self._lock = threading.Lock()
         self.cache_hits = 0
         self.cache_misses = 0
         self.observers: list[Callable[[bool], None]] = []  # called with hit=True/False
@@ -222,12 +223,11 @@ class EnvelopeOpener:
     def _unwrap(self, kid: str, wrapped: bytes, iss: str, aud: str) -> AESGCM:
         slot = (kid, wrapped, iss, aud)
         if self._cache is not None:
-            with self._lock:
-                aead = self._cache.get(slot)
-                if aead is not None:
-                    self.cache_hits += 1
-                else:
-                    self.cache_misses += 1
+            aead = self._cache.get(slot)
+            if aead is not None:
+                self.cache_hits += 1
+            else:
+                self.cache_misses += 1
             for observe in self.observers:
                 observe(aead is not None)
             if aead is not None:
@@ -237,9 +237,45 @@ class EnvelopeOpener:
             raise DecryptionError(code="decryption_failed")
         aead = AESGCM(data_key)
         if self._cache is not None:
-            with self._lock:
-                self._cache[slot] = aead
+            self._cache.put(slot, aead)
         return aead
+
+
+class _TtlCache(Generic[_K, _V]):
+    """A bounded cache whose entries expire ``ttl`` seconds after insertion.
+
+    Lean on purpose: a hit is one dict lookup and a clock read, no lock (a dict read is atomic
+    in CPython), where ``cachetools.TTLCache`` under a lock costs about 2 us per hit on the
+    open path. Inserts take a lock; a full cache drops expired entries, then the oldest.
+    """
+
+    def __init__(self, maxsize: int, ttl: float, clock: Callable[[], float]) -> None:
+        self._maxsize = maxsize
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: dict[_K, tuple[_V, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: _K) -> _V | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[1] <= self._clock():
+            return None
+        return entry[0]
+
+    def put(self, key: _K, value: _V) -> None:
+        with self._lock:
+            now = self._clock()
+            entries = self._entries
+            entries.pop(key, None)
+            if len(entries) >= self._maxsize:
+                for stale in [k for k, (_, dies) in entries.items() if dies <= now]:
+                    del entries[stale]
+                while len(entries) >= self._maxsize:
+                    del entries[next(iter(entries))]
+            entries[key] = (value, now + self._ttl)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _allowed(providers: KeyProviders, kid: str, allowed_keys: Sequence[str]) -> str:

@@ -13,9 +13,9 @@ the ROCA fingerprint (CVE-2017-15361) verify nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
@@ -52,7 +52,6 @@ _ROCA_MASKS: Final = tuple(
 )
 
 
-@lru_cache(maxsize=256)
 def _rsa_modulus_weak(n: int) -> bool:
     """True for a modulus under ``MIN_RSA_BITS`` or with the ROCA fingerprint."""
     if n.bit_length() < MIN_RSA_BITS:
@@ -60,13 +59,21 @@ def _rsa_modulus_weak(n: int) -> bool:
     return all((1 << (n % p)) & mask for p, mask in zip(_ROCA_PRIMES, _ROCA_MASKS, strict=True))
 
 
+# RSA key objects already found strong, by id; the value holds the object itself, so that its
+# id cannot be reused by another key while the entry lives (checked with ``is``).
+_STRONG_RSA_KEYS: dict[int, rsa.RSAPublicKey] = {}
+_MAX_STRONG_RSA_KEYS: Final = 256
+
+
 def _check_rsa_key(key: PublicKey, signature: bytes) -> rsa.RSAPublicKey:
     """``key`` when it may verify an RSA signature of this length; else ``InvalidSignature``."""
-    if (
-        not isinstance(key, rsa.RSAPublicKey)
-        or len(signature) != (key.key_size + 7) // 8
-        or _rsa_modulus_weak(key.public_numbers().n)
-    ):
+    if _STRONG_RSA_KEYS.get(id(key)) is not key:  # first sight: type, size and ROCA checks
+        if not isinstance(key, rsa.RSAPublicKey) or _rsa_modulus_weak(key.public_numbers().n):
+            raise InvalidSignature
+        if len(_STRONG_RSA_KEYS) >= _MAX_STRONG_RSA_KEYS:
+            _STRONG_RSA_KEYS.clear()
+        _STRONG_RSA_KEYS[id(key)] = key
+    if len(signature) != (key.key_size + 7) // 8:
         raise InvalidSignature
     return key
 
@@ -125,25 +132,66 @@ _VERIFIERS: Final[dict[str, Callable[[PublicKey, bytes, bytes], None]]] = {
 }
 
 
+def _key_kind(key: PublicKey) -> str:
+    """ "RSA", the curve name of an EC key, "Ed25519", or "" for anything else."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RSA"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key.curve.name
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    return ""
+
+
+# The algorithms each kind of key takes.
+_ALGS_BY_KIND: Final = {
+    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+    "Ed25519": frozenset({"EdDSA"}),
+    **{curve: frozenset({alg}) for alg, (curve, _) in _EC_CURVES.items()},
+}
+# Key classes are few; remembering each one's algorithms saves the ABC ``isinstance`` checks
+# (about 1 us each) on every token. Keyed by (class, curve) since an EC class covers all curves.
+_ALGS_BY_CLASS: dict[tuple[type, str], frozenset[str]] = {}
+
+
 def key_supports(key: PublicKey, alg: str) -> bool:
     """True when ``alg`` is an algorithm of ``key``'s type (and curve)."""
-    if alg[:2] in ("RS", "PS"):
-        return isinstance(key, rsa.RSAPublicKey)
-    if alg in _EC_CURVES:
-        return isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _EC_CURVES[alg][0]
-    if alg == "EdDSA":
-        return isinstance(key, ed25519.Ed25519PublicKey)
-    return False
+    curve = getattr(getattr(key, "curve", None), "name", "")
+    algs = _ALGS_BY_CLASS.get((type(key), curve))
+    if algs is None:
+        algs = _ALGS_BY_KIND.get(_key_kind(key), frozenset())
+        _ALGS_BY_CLASS[(type(key), curve)] = algs
+    return alg in algs
 
 
 @dataclass(frozen=True, slots=True)
 class ParsedJws:
     """A compact JWS split and decoded, its signature NOT yet verified."""
 
-    header: dict[str, Any]
+    header: Mapping[str, Any]
     payload: bytes
     signing_input: bytes
     signature: bytes
+
+
+# Parsed protected headers by their base64url text. One issuer's tokens share one header, so a
+# small cache saves a decode and a JSON parse per token; the values are read-only mappings.
+_HEADERS: dict[str, Mapping[str, Any]] = {}
+_MAX_CACHED_HEADERS: Final = 256
+
+
+def _parse_header(header_b64: str) -> Mapping[str, Any]:
+    """The protected header: a JSON object with a string ``alg`` (``ValueError`` otherwise)."""
+    header = _HEADERS.get(header_b64)
+    if header is None:
+        value = loads_strict(b64url_decode(header_b64), max_bytes=MAX_HEADER_BYTES, max_depth=2)
+        if not isinstance(value, dict) or not isinstance(value.get("alg"), str):
+            raise ValueError("not a JWS header")
+        header = MappingProxyType(value)
+        if len(_HEADERS) >= _MAX_CACHED_HEADERS:
+            _HEADERS.clear()
+        _HEADERS[header_b64] = header
+    return header
 
 
 def parse_compact(token: str | bytes, *, max_bytes: int = MAX_TOKEN_BYTES) -> ParsedJws:
@@ -170,13 +218,11 @@ def parse_compact(token: str | bytes, *, max_bytes: int = MAX_TOKEN_BYTES) -> Pa
     if not header_b64:
         raise TokenError()
     try:
-        header = loads_strict(b64url_decode(header_b64), max_bytes=MAX_HEADER_BYTES, max_depth=2)
+        header = _parse_header(header_b64)
         payload = b64url_decode(payload_b64)
         signature = b64url_decode(signature_b64)
     except ValueError:
         raise TokenError() from None
-    if not isinstance(header, dict) or not isinstance(header.get("alg"), str):
-        raise TokenError()
     return ParsedJws(
         header=header,
         payload=payload,

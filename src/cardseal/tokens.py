@@ -11,6 +11,7 @@ algorithm allow-list, ``typ`` and ``crit``, the key by ``kid``, the signature, t
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,16 @@ MAX_REFERENCE_CHARS: Final = 255
 _MAX_NUMERIC_DATE: Final = 2**53
 _TYPES_NON_LEGACY: Final = frozenset({"card+jwt", "application/card+jwt"})
 _TYPES_LEGACY: Final = _TYPES_NON_LEGACY | {"jwt", "application/jwt"}
+# C0 and C1 controls, DEL, surrogates: PostgreSQL text holds no NUL, no encoder a lone surrogate,
+# and a line break or terminal escape in a stored reference forges report and log lines.
+_UNSTORABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def valid_reference(value: object) -> bool:
+    """True for a payment ``reference`` the ledger may store: a string of at most
+    ``MAX_REFERENCE_CHARS`` characters, none of them a control character or a surrogate."""
+    return (isinstance(value, str) and len(value) <= MAX_REFERENCE_CHARS
+            and _UNSTORABLE.search(value) is None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +61,7 @@ class Payment:
             or not 0 < self.amount <= 10**12
             or not isinstance(self.currency, str)  # a list or object is unhashable
             or self.currency not in CURRENCIES
-            or (self.reference is not None
-                and (not isinstance(self.reference, str)
-                     or len(self.reference) > MAX_REFERENCE_CHARS))
+            or (self.reference is not None and not valid_reference(self.reference))
         ):
             raise ValueError("invalid payment")
 
@@ -113,7 +122,7 @@ class VerifiedToken:
         self,
         *,
         _seal: object,
-        header: dict[str, Any],
+        header: Mapping[str, Any],
         claims: dict[str, Any],
         issuer: IssuerPolicy,
         meta_data_format: str,
@@ -249,7 +258,7 @@ class TokenVerifier:
         return None
 
     def _check_claims(
-        self, header: dict[str, Any], claims: dict[str, Any], policy: IssuerPolicy
+        self, header: Mapping[str, Any], claims: dict[str, Any], policy: IssuerPolicy
     ) -> VerifiedToken:
         aud = claims.get("aud")
         if aud is None:

@@ -217,8 +217,11 @@ def add_key_version(path: str | os.PathLike[str], name: str) -> str:
     """
     _name_of("local://" + name)
     keyring = Path(path)
-    document = json.loads(keyring.read_bytes())
-    versions = document["keys"].setdefault(name, [])
+    try:
+        document = json.loads(keyring.read_bytes())
+        versions = document["keys"].setdefault(name, [])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"Cannot read the keyring {keyring}.") from None
     version = _new_version(versions)
     versions.append(version)
     _write_private(keyring, document)
