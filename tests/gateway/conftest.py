@@ -6,11 +6,13 @@ second issuer ``other-service`` signing with ES256), then starts ``cardseal serv
 subprocess on a free port and waits for ``/healthz``. Its stderr (the JSON log) goes to a file
 that the leak test scans.
 
-The database is a fixture parameter: ``database_url`` is ``"sqlite"`` (the file ``init``
-writes) unless more URLs are listed in ``CARDSEAL_TEST_DATABASE_URLS`` (comma-separated, e.g.
-``postgresql://cardseal:pw@127.0.0.1/cardseal``); ``replay_store`` is ``"database"`` unless
-``CARDSEAL_TEST_REPLAY_STORES`` lists ``redis://`` URLs. Every gateway test then runs once per
-combination. A non-SQLite database is migrated with ``cardseal db upgrade`` first.
+The backend is a fixture parameter: every gateway test runs once per entry of ``BACKENDS``,
+``sqlite-database`` (the SQLite file ``init`` writes, used tokens in it), ``postgresql-database``
+(a fresh PostgreSQL database of this run, used tokens in it) and ``postgresql-redis`` (another
+fresh database, used tokens in Redis under a fresh key prefix); see ``tests/conftest.py`` for the
+servers, which are required. A PostgreSQL database is migrated with ``cardseal db upgrade``
+first. Suites that import these fixtures elsewhere (``tests/security``) get ``sqlite-database``
+only: ``pytest_generate_tests`` below applies to this folder.
 
 ``TokenForge`` seals real tokens with the same configuration and forges broken ones, changing
 one thing at a time. ``LeakRegistry`` remembers every PAN, CVV, token and ``meta_data`` the
@@ -64,8 +66,10 @@ from cardseal.keys.jwk import VerificationKeySet
 from cardseal.keys.local import add_key_version
 from cardseal.keys.signing import PemSigner, Signer, generate_private_key_pem
 from cardseal.storage.migrate import sync_url
+from cardseal.storage.replay import split_redis_spec
 from cardseal.storage.sql import replay_id
 from cardseal.tokens import Payment
+from tests.conftest import PostgresServer, RedisServer
 
 ISSUER = "payment-service"
 OTHER_ISSUER = "other-service"
@@ -113,13 +117,8 @@ def free_port() -> int:
         return port
 
 
-def _env_list(name: str, default: str) -> list[str]:
-    extra = [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
-    return [default, *extra]
-
-
-def _param_id(value: str) -> str:
-    return value.split("://", 1)[0].split("+", 1)[0]
+BACKENDS = [("sqlite", "database"), ("postgresql", "database"), ("postgresql", "redis")]
+"""(database, replay store) pairs the gateway suite runs on."""
 
 
 # -- what the leak test scans for ------------------------------------------------------------
@@ -204,9 +203,10 @@ class GatewayHome:
         store = self.settings.gateway.replay_store
         if store == "database":
             return bool(self.query("SELECT 1 FROM used_tokens WHERE replay_id = :rid", rid=rid))
-        client = redis.Redis.from_url(store)
+        url, prefix = split_redis_spec(store)
+        client = redis.Redis.from_url(url)
         try:
-            return bool(client.exists("cardseal:used:" + rid))
+            return bool(client.exists(prefix + rid))
         finally:
             client.close()
 
@@ -449,20 +449,34 @@ def leak_registry() -> LeakRegistry:
     return LeakRegistry()
 
 
-@pytest.fixture(scope="session", params=_env_list("CARDSEAL_TEST_DATABASE_URLS", "sqlite"),
-                ids=_param_id)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test of this folder that runs a gateway runs once per entry of ``BACKENDS``."""
+    if {"database_url", "replay_store"} <= set(metafunc.fixturenames):
+        metafunc.parametrize(("database_url", "replay_store"), BACKENDS, indirect=True,
+                             scope="session", ids=[f"{d}-{r}" for d, r in BACKENDS])
+
+
+@pytest.fixture(scope="session")
 def database_url(request: pytest.FixtureRequest) -> str:
-    """``"sqlite"`` (the file ``cardseal init`` writes) or a database URL."""
-    value: str = request.param
-    return value
+    """``"sqlite"`` (the file ``cardseal init`` writes) or the URL of a fresh PostgreSQL
+    database (parameter ``"postgresql"``)."""
+    kind: str = getattr(request, "param", "sqlite")
+    if kind == "sqlite":
+        return kind
+    assert kind == "postgresql", kind
+    postgres: PostgresServer = request.getfixturevalue("postgres")
+    return postgres.create_database("gateway")
 
 
-@pytest.fixture(scope="session", params=_env_list("CARDSEAL_TEST_REPLAY_STORES", "database"),
-                ids=_param_id)
+@pytest.fixture(scope="session")
 def replay_store(request: pytest.FixtureRequest) -> str:
-    """``"database"`` (the default) or a ``redis://`` URL."""
-    value: str = request.param
-    return value
+    """``"database"`` (the default) or a Redis URL with a fresh key prefix (``"redis"``)."""
+    kind: str = getattr(request, "param", "database")
+    if kind == "database":
+        return kind
+    assert kind == "redis", kind
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.replay_store()
 
 
 def start_gateway(base: Path, database_url: str, replay_store: str,

@@ -2,11 +2,14 @@
 
 Every error leaves as the contract's body ``{"error": {"code", "message"}}``; FastAPI's default
 validation error (which echoes the input) is replaced by ``request_invalid``; 503s carry
-``Retry-After``.
+``Retry-After``. While the app runs, single-use records of expired tokens are purged every
+``purge_interval`` seconds (an expired token is refused before its record is ever read).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +19,7 @@ import structlog
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cardseal.config import (
@@ -38,6 +42,7 @@ from cardseal.storage.replay import build_replay_store
 from cardseal.storage.sql import SqlStore
 
 RETRY_AFTER_SECONDS: Final = "2"
+PURGE_INTERVAL_SECONDS: Final = 600.0
 _JSON: Final = "application/json"
 _log = structlog.get_logger("cardseal.gateway")
 
@@ -79,6 +84,7 @@ def create_app(
     *,
     processor: PaymentProcessor | None = None,
     check_migrations: bool = True,
+    purge_interval: float = PURGE_INTERVAL_SECONDS,
 ) -> FastAPI:
     """Build the gateway for ``settings``. Connections open in the app's lifespan."""
     providers = build_providers(settings)
@@ -93,18 +99,37 @@ def create_app(
         opener=opener,
         processor=processor or SandboxProcessor(),
         fingerprint_secret=fingerprint_secret(settings),
+        processor_timeout=settings.processor.timeout,
     )
     metrics = Metrics(providers, opener.envelope)
     max_body = settings.gateway.max_body_bytes
+    kms_keys = sorted({key for policy in policies for key in policy.allowed_kms_keys})
+
+    async def purge_expired() -> None:
+        while True:
+            await asyncio.sleep(purge_interval)
+            try:
+                purged = await store.purge_expired_tokens(int(time.time()))
+            except CardsealError:
+                _log.warning("purge_failed")  # the next round tries again
+                continue
+            _log.info("purged_expired_tokens", count=purged)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if check_migrations:
             check_schema(database_url(settings))
         _log.info("gateway_started", issuers=[p.iss for p in policies])
-        yield
-        await replay.close()
-        await store.close()
+        purger = asyncio.get_running_loop().create_task(purge_expired())
+        try:
+            yield
+        finally:
+            purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purger
+            await service.close()
+            await replay.close()
+            await store.close()
 
     app = FastAPI(
         title="cardseal gateway",
@@ -200,16 +225,16 @@ def create_app(
 
     @app.get("/readyz", response_model=HealthOut, responses={503: _ERRORS[503]})
     async def readyz() -> Response:
-        """Ready: the database (ledger and replay store) answers and the KMS keys resolve."""
+        """Ready: the database (ledger and replay store) answers and the KMS answers for every
+        allowed key (one cheap call each, e.g. DescribeKey; no decryption)."""
         try:
             await store.ping()
             await replay.ping()
         except StorageError as err:
             return _error(err)
         try:
-            for policy in policies:
-                for key in policy.allowed_kms_keys:
-                    providers.canonical_uri(key)
+            for key in kms_keys:
+                await run_in_threadpool(providers.check, key)  # blocking clients: off the loop
         except CardsealError:
             return _error(CardsealError(code="kms_unavailable"))
         return JSONResponse({"status": "ready",

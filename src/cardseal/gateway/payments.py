@@ -15,16 +15,27 @@ so the client's retry is charged under the same payment id (the processor's idem
 Requests refused before the token was verified and reserved (token_*, request_invalid,
 amount_mismatch) forget the key too: the key is scoped by an issuer that only verification
 establishes, and a refused request saves no result (as Stripe).
+
+The processor gets ``processor_timeout`` seconds; a late, failed or crashed processor call is
+``processor_unavailable`` (its outcome is unknown: the retry reuses the payment id). When the
+database fails after the token was reserved, giving the token (or the idempotency key) back
+fails too: that repair is retried in the background until the database answers, so the client's
+retry is charged once the database is back (fail closed meanwhile: the token is refused).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
+import structlog
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -32,19 +43,26 @@ from cardseal import jws
 from cardseal._currencies import CURRENCIES
 from cardseal._encoding import loads_strict
 from cardseal.card import CardView
-from cardseal.errors import CardsealError, RequestError
+from cardseal.errors import CardsealError, ConfigError, ProcessorError, RequestError
 from cardseal.gateway.schemas import PaymentRequest
 from cardseal.opener import CardOpener
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
 from cardseal.storage.replay import ReplayStore
 from cardseal.storage.sql import SqlStore, replay_id
-from cardseal.tokens import TokenVerifier, VerifiedToken
+from cardseal.tokens import TokenVerifier, VerifiedToken, valid_reference
 
 _RETRYABLE = frozenset({"kms_unavailable", "processor_unavailable", "storage_unavailable"})
 # Refused before the token was verified and reserved. As Stripe, such a request saves no
 # idempotent result: the key is forgotten. Above all, a forged token names any ``iss`` it
 # likes, so storing its 401 would let anyone block a merchant's next key.
 _NOT_SAVED = _RETRYABLE | {"request_invalid", "amount_mismatch"}
+DEFAULT_PROCESSOR_TIMEOUT: Final = 10.0
+MAX_PROCESSOR_TIMEOUT: Final = 300.0
+_PROCESSOR_THREADS: Final = 64  # processor calls in flight; more wait (within the timeout)
+_REPAIR_DELAYS: Final = (0.1, 0.2, 0.5, 1.0)  # then every second, until the deadline
+_MAX_REPAIRS: Final = 10_000  # pending background repairs; past that, fail closed
+_IDEMPOTENCY_REPAIR_SECONDS: Final = 24 * 3600
+_log = structlog.get_logger("cardseal.gateway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,16 +129,35 @@ class PaymentService:
         opener: CardOpener,
         processor: PaymentProcessor,
         fingerprint_secret: bytes,
+        processor_timeout: float = DEFAULT_PROCESSOR_TIMEOUT,
     ) -> None:
+        if not 0 < processor_timeout <= MAX_PROCESSOR_TIMEOUT:
+            raise ConfigError(f"processor.timeout must be in (0, {MAX_PROCESSOR_TIMEOUT}] s.")
         self._store = store
         self._replay = replay
         self._verifier = verifier
         self._opener = opener
         self._processor = processor
         self._fingerprint_secret = fingerprint_secret
+        self._processor_timeout = processor_timeout
+        self._processor_pool = ThreadPoolExecutor(
+            max_workers=_PROCESSOR_THREADS, thread_name_prefix="cardseal-processor")
+        self._repairs: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Stop background repairs (their records stay as they are: fail closed) and let go
+        of the processor threads."""
+        for task in self._repairs:
+            task.cancel()
+        if self._repairs:
+            await asyncio.gather(*self._repairs, return_exceptions=True)
+        self._processor_pool.shutdown(wait=False, cancel_futures=True)
 
     async def create(self, body: bytes, idempotency_key: str | None) -> Outcome:
         try:
+            # The token's JSON rules for the body too: pydantic keeps the last of duplicate
+            # members, so a proxy keeping the first would see another amount than is charged.
+            loads_strict(body, max_bytes=len(body))
             request = PaymentRequest.model_validate_json(body)
         except ValidationError:
             return error_outcome(RequestError("The request body does not match the schema."))
@@ -128,12 +165,15 @@ class PaymentService:
             return error_outcome(RequestError("The request body is not valid JSON."))
         if request.currency is not None and request.currency.upper() not in CURRENCIES:
             return error_outcome(RequestError("Unknown currency."))
+        if request.reference is not None and not valid_reference(request.reference):
+            return error_outcome(RequestError("The reference holds a control character."))
         if idempotency_key is None:
             return await self._create(request)
         if not 1 <= len(idempotency_key) <= 255 or not idempotency_key.isprintable():
             return error_outcome(RequestError("Idempotency-Key must be 1-255 characters."))
         issuer = _unverified_issuer(request.token)
-        if issuer is None:  # nothing to scope the key by: the token is refused anyway
+        if issuer is None or self._verifier.issuer(issuer) is None:
+            # Nothing to scope the key by (no configured issuer): the token is refused anyway.
             return await self._create(request)
         request_hash = hashlib.sha256(_dumps(request.model_dump())).hexdigest()
         try:
@@ -143,14 +183,19 @@ class PaymentService:
         if stored is not None:
             return Outcome(stored.status_code, stored.body.encode(), "idempotent_replay")
         outcome = await self._create(request)
-        try:
-            if outcome.code in _NOT_SAVED or outcome.status == 401:  # 401: token_* refused
-                await self._store.abandon_idempotent(issuer, idempotency_key)
-            else:
-                await self._store.finish_idempotent(
+        if outcome.code in _NOT_SAVED or outcome.status == 401:  # 401: token_* refused
+            def settle() -> Awaitable[None]:
+                return self._store.abandon_idempotent(issuer, idempotency_key)
+        else:
+            def settle() -> Awaitable[None]:
+                return self._store.finish_idempotent(
                     issuer, idempotency_key, outcome.status, outcome.body.decode())
-        except CardsealError as err:
-            return error_outcome(err)
+        try:
+            await settle()
+        except CardsealError:
+            # The request's own answer stands; the key stays in flight (a retry with it gets
+            # idempotency_conflict) until the database answers again and the repair lands.
+            self._repair_later(settle, time.time() + _IDEMPOTENCY_REPAIR_SECONDS)
         return outcome
 
     async def _create(self, request: PaymentRequest) -> Outcome:
@@ -169,7 +214,7 @@ class PaymentService:
             result, view = await run_in_threadpool(
                 self._charge, verified, payment_id, amount, currency, reference)
         except CardsealError as err:
-            await self._settle_failed(rid, err)
+            await self._settle_failed(rid, err, expires_at)
             return error_outcome(err)
         row = {
             "id": payment_id, "issuer": verified.issuer.iss, "status": result.status,
@@ -183,7 +228,7 @@ class PaymentService:
         try:
             await self._store.record_payment(row)
         except CardsealError as err:
-            await self._settle_failed(rid, err)
+            await self._settle_failed(rid, err, expires_at)
             return error_outcome(err)
         try:
             await self._replay.done(rid)
@@ -219,20 +264,69 @@ class PaymentService:
     ) -> tuple[ChargeResult, CardView]:
         """Decrypt, validate, charge; runs in a worker thread. The card dies with this frame."""
         card = self._opener.open_card(verified)
-        result = self._processor.charge(ChargeRequest(
+        result = self._call_processor(ChargeRequest(
             payment_id=payment_id, amount=amount, currency=currency, reference=reference,
             card=card))
         return result, card.view(self._fingerprint_secret)
 
-    async def _settle_failed(self, rid: str, err: CardsealError) -> None:
-        """Give the token back after a retryable failure; spend it after a final one."""
+    def _call_processor(self, request: ChargeRequest) -> ChargeResult:
+        """The processor's answer within ``processor_timeout``, else ``ProcessorError``.
+
+        Any failure of the call is ``processor_unavailable``: the outcome is unknown, and the
+        retry charges under the same payment id (the processor's idempotency key). A call that
+        never started is cancelled; one still running may finish, under that same id.
+        """
+        future = self._processor_pool.submit(self._processor.charge, request)
         try:
-            if err.code in _RETRYABLE:
-                await self._replay.release(rid)
-            else:
-                await self._replay.spend(rid)
+            return future.result(timeout=self._processor_timeout)
         except CardsealError:
-            pass  # the reservation stays pending: the token is refused, never charged twice
+            raise
+        except TimeoutError:
+            future.cancel()
+            _log.warning("processor_timeout", timeout=self._processor_timeout)
+            raise ProcessorError() from None
+        except Exception as err:
+            # The type only: a processor's message may quote what it was given.
+            _log.warning("processor_failed", error=type(err).__name__)
+            raise ProcessorError() from None
+
+    async def _settle_failed(self, rid: str, err: CardsealError, expires_at: int) -> None:
+        """Give the token back after a retryable failure; spend it after a final one."""
+        retryable = err.code in _RETRYABLE
+
+        def settle() -> Awaitable[None]:
+            return self._replay.release(rid) if retryable else self._replay.spend(rid)
+
+        try:
+            await settle()
+        except CardsealError:
+            # The reservation stays pending: the token is refused, never charged twice. Once
+            # the store answers again the repair lands (until the token expires anyway).
+            self._repair_later(settle, expires_at)
+
+    def _repair_later(self, operation: Callable[[], Awaitable[None]], deadline: float) -> None:
+        """Retry ``operation`` in the background until it succeeds or ``deadline`` (epoch s)."""
+        if len(self._repairs) >= _MAX_REPAIRS:
+            _log.warning("repair_dropped", pending=len(self._repairs))
+            return
+        task = asyncio.get_running_loop().create_task(self._repair(operation, deadline))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+
+    async def _repair(self, operation: Callable[[], Awaitable[None]], deadline: float) -> None:
+        attempt = 0
+        while True:
+            await asyncio.sleep(_REPAIR_DELAYS[min(attempt, len(_REPAIR_DELAYS) - 1)])
+            attempt += 1
+            try:
+                await operation()
+            except CardsealError:
+                if time.time() >= deadline:
+                    _log.warning("repair_abandoned", attempts=attempt)
+                    return
+                continue
+            _log.info("repaired", attempts=attempt)
+            return
 
     async def get(self, payment_id: str, issuer: str) -> dict[str, Any] | None:
         row = await self._store.get_payment(payment_id, issuer)

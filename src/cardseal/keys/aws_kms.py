@@ -182,6 +182,20 @@ class AwsKmsKeyProvider(KeyProvider):
                 self._resolved[key_uri] = canonical
         return canonical
 
+    def check(self, key_uri: str) -> None:
+        """One DescribeKey: ``kms_unavailable`` when KMS cannot be reached in time, throttles
+        or fails; any other answer, a refusal included (a gateway may be allowed only
+        ``kms:Decrypt``), shows that KMS is there."""
+        key_id = key_id_of(key_uri)
+        try:
+            self._kms.describe_key(KeyId=key_id)
+        except ClientError as err:
+            code, status = _error_code(err)
+            if code in _UNAVAILABLE or status >= 500:
+                raise KeyProviderError(code="kms_unavailable") from err
+        except BotoCoreError as err:
+            raise KeyProviderError(code="kms_unavailable") from err
+
     def encrypt(self, key_uri: str, plaintext: bytes, context: EncryptionContext | None) -> bytes:
         key_id = key_id_of(key_uri)
         try:

@@ -49,6 +49,15 @@ class KeyProvider(ABC):
         """
         return key_uri
 
+    def check(self, key_uri: str) -> None:
+        """Raise ``KeyProviderError`` (kms_unavailable) unless the KMS answers for ``key_uri``
+        now: one cheap call that decrypts nothing, for readiness probes.
+
+        The default resolves the key, which is enough for a provider that holds its keys in
+        memory; a remote KMS overrides it with a round trip.
+        """
+        self.canonical_uri(key_uri)
+
     @abstractmethod
     def encrypt(
         self, key_uri: str, plaintext: bytes, context: EncryptionContext | None
@@ -105,6 +114,10 @@ class KeyProviders:
 
     def canonical_uri(self, key_uri: str) -> str:
         return self.provider_for(key_uri).canonical_uri(key_uri)
+
+    def check(self, key_uri: str) -> None:
+        """``KeyProvider.check`` of the key's provider (not counted as a KMS call)."""
+        self.provider_for(key_uri).check(key_uri)
 
     def encrypt(self, key_uri: str, plaintext: bytes, context: EncryptionContext | None) -> bytes:
         provider = self.provider_for(key_uri)

@@ -1,11 +1,14 @@
 """The sandbox processor (CONTRACT.md section 6): approves every valid card except Stripe's
-test decline numbers, and honours the payment id as an idempotency key."""
+test decline numbers, and honours the payment id as an idempotency key.
+
+It is idempotent by construction and keeps nothing: the answer is a function of the card (the
+decline table) and of the payment id (the reference is a hash of it), so a retry under the same
+payment id gets the same answer, on any worker, after a restart, however long after.
+"""
 
 from __future__ import annotations
 
-import secrets
-import threading
-from collections import OrderedDict
+import hashlib
 from typing import Final
 
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
@@ -19,26 +22,15 @@ DECLINES: Final[dict[str, str]] = {
     "4000000000000127": "incorrect_cvc",
     "4000000000000119": "processing_error",
 }
-_REMEMBERED: Final = 100_000
 
 
 class SandboxProcessor(PaymentProcessor):
-    def __init__(self) -> None:
-        self._results: OrderedDict[str, ChargeResult] = OrderedDict()
-        self._lock = threading.Lock()
-
     def charge(self, request: ChargeRequest) -> ChargeResult:
-        with self._lock:
-            known = self._results.get(request.payment_id)
-            if known is not None:
-                return known
-            decline = DECLINES.get(request.card.pan)
-            result = ChargeResult(
-                status="declined" if decline else "authorized",
-                processor_ref="sbx_" + secrets.token_hex(8),
-                decline_code=decline,
-            )
-            self._results[request.payment_id] = result
-            if len(self._results) > _REMEMBERED:
-                self._results.popitem(last=False)
-            return result
+        decline = DECLINES.get(request.card.pan)
+        # The payment id is random (96 bits) and no secret: its hash is a stable reference.
+        digest = hashlib.sha256(request.payment_id.encode()).hexdigest()[:16]
+        return ChargeResult(
+            status="declined" if decline else "authorized",
+            processor_ref="sbx_" + digest,
+            decline_code=decline,
+        )

@@ -4,18 +4,26 @@
 A record moves ``pending`` -> ``done`` (payment recorded), ``spent`` (refused for good) or
 ``released`` (a retryable failure gave the token back; the next try reuses the payment id).
 Both stores fail closed: when they cannot answer, the request gets ``storage_unavailable``.
+
+A Redis replay store is named by a redis-py URL whose fragment, if any, is the key prefix:
+``redis://host:6379/0#payments-eu:`` keeps records under ``payments-eu:<hash>`` (default
+``cardseal:used:``). The fragment never reaches Redis, so the same URL works in redis-py tools.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import Any, Final
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from cardseal.errors import ConfigError, StorageError, TokenError
 from cardseal.storage.sql import SqlStore, new_payment_id
+
+DEFAULT_REDIS_PREFIX: Final = "cardseal:used:"
+_MAX_PREFIX: Final = 100
 
 
 class ReplayStore(ABC):
@@ -79,7 +87,7 @@ class RedisReplayStore(ReplayStore):
     """Used tokens in Redis: key = prefix + hash(issuer, jti), expiring at the token's ``exp``
     plus leeway (``SET NX EXAT``); state changes are atomic Lua scripts."""
 
-    def __init__(self, url: str, *, prefix: str = "cardseal:used:", timeout: float = 2.0,
+    def __init__(self, url: str, *, prefix: str = DEFAULT_REDIS_PREFIX, timeout: float = 2.0,
                  client: aioredis.Redis | None = None) -> None:
         self._client: aioredis.Redis = client or aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
@@ -120,10 +128,27 @@ class RedisReplayStore(ReplayStore):
         await self._client.aclose()
 
 
+def split_redis_spec(spec: str) -> tuple[str, str]:
+    """``(URL for redis-py, key prefix)`` of a ``redis://...#prefix`` replay store setting.
+
+    Raises ``ConfigError`` for a prefix that is empty after ``#``, too long or not printable.
+    """
+    url, hash_sign, fragment = spec.partition("#")  # where urllib starts the fragment too
+    if not hash_sign:
+        return url, DEFAULT_REDIS_PREFIX
+    prefix = unquote(fragment)
+    if not 0 < len(prefix) <= _MAX_PREFIX or not prefix.isprintable() or " " in prefix:
+        raise ConfigError("The key prefix after '#' in gateway.replay_store must be 1-100 "
+                          "printable characters without spaces.")
+    return url, prefix
+
+
 def build_replay_store(spec: str, store: SqlStore) -> ReplayStore:
-    """``database`` (the default) or a ``redis://`` / ``rediss://`` URL."""
+    """``database`` (the default) or a ``redis://`` / ``rediss://`` / ``unix://`` URL, with an
+    optional ``#prefix`` for the keys."""
     if spec == "database":
         return SqlReplayStore(store)
     if spec.startswith(("redis://", "rediss://", "unix://")):
-        return RedisReplayStore(spec)
+        url, prefix = split_redis_spec(spec)
+        return RedisReplayStore(url, prefix=prefix)
     raise ConfigError("gateway.replay_store must be 'database' or a redis:// URL.")

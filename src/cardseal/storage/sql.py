@@ -3,7 +3,9 @@
 ``SqlStore`` keeps the ledger, the single-use record of tokens (``SqlReplayStore`` semantics:
 reserve, release, spend, and done inside the payment's own transaction), idempotency keys and
 API keys. Every database failure becomes ``StorageError`` (storage_unavailable): the gateway
-fails closed.
+fails closed. When the connection breaks while a reservation or a payment commits, the store
+first looks (on a fresh connection) whether the commit landed, so that a payment the ledger holds
+is not answered with a 503 (nor its token refused) just because the answer to COMMIT was lost.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, event, insert, select, text, update
+from sqlalchemy import Select, delete, event, insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -85,6 +87,13 @@ class SqlStore:
         async with self._tx() as conn:
             await conn.execute(text("SELECT 1"))
 
+    async def _landed(self, query: Select[Any]) -> bool:
+        """Whether a transaction that failed with ``StorageError`` committed all the same (its
+        answer was lost with the connection): ``query`` finds a row only it could have written.
+        Raises ``StorageError`` when the database still cannot answer."""
+        async with self._tx() as conn:
+            return (await conn.execute(query)).first() is not None
+
     # -- single use ---------------------------------------------------------------------------
 
     async def reserve_token(self, rid: str, expires_at: int) -> str:
@@ -102,6 +111,11 @@ class SqlStore:
             return payment_id
         except IntegrityError:
             pass
+        except StorageError:
+            if not await self._landed(select(used_tokens.c.replay_id).where(
+                    used_tokens.c.replay_id == rid, used_tokens.c.payment_id == payment_id)):
+                raise
+            return payment_id  # the id is new: the reservation is this request's
         async with self._tx() as conn:
             row = (await conn.execute(
                 update(used_tokens)
@@ -141,6 +155,10 @@ class SqlStore:
                     used_tokens.c.replay_id == row["replay_id"]).values(state="done"))
         except IntegrityError:
             raise TokenError(code="token_replayed") from None
+        except StorageError:
+            # Only this request holds the reservation that carries this payment id.
+            if not await self._landed(select(payments.c.id).where(payments.c.id == row["id"])):
+                raise
 
     async def get_payment(self, payment_id: str, issuer: str) -> dict[str, Any] | None:
         async with self._tx() as conn:

@@ -1,0 +1,136 @@
+"""Redis as the replay store: its key prefix, and what a gateway does when Redis goes away.
+
+The policy is fail closed: while Redis cannot answer, a payment is ``503 storage_unavailable``
+with ``Retry-After`` (nothing is charged without its single-use record), ``/readyz`` is 503, and
+the token is not used up, so the client's retry pays once Redis is back, without a restart.
+Redis is reached through ``TcpProxy``, which makes it refuse connections (a dead server) or
+swallow every byte (a dead network link: only timeouts tell), then brings it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cardseal.errors import ConfigError
+from cardseal.storage.replay import (
+    DEFAULT_REDIS_PREFIX,
+    RedisReplayStore,
+    build_replay_store,
+    split_redis_spec,
+)
+from cardseal.storage.sql import SqlStore
+from tests.conftest import PostgresServer, RedisServer
+from tests.gateway.test_api_errors import assert_error, assert_payment
+from tests.scale.conftest import Cluster, start_cluster
+from tests.scale.tcp_proxy import TcpProxy
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+AMOUNT = 4400
+MAX_UNAVAILABLE_SECONDS = 10.0  # a 503 comes within the store's bounded timeouts and retries
+
+
+def test_key_prefix_is_the_url_fragment(tmp_path: Path) -> None:
+    assert split_redis_spec("redis://h:6379/0") == ("redis://h:6379/0", DEFAULT_REDIS_PREFIX)
+    assert split_redis_spec("redis://:pw@h:6379/2#eu:pay:") == ("redis://:pw@h:6379/2",
+                                                                 "eu:pay:")
+    assert split_redis_spec("unix:///run/redis.sock?db=1#a%3Ab:") == (
+        "unix:///run/redis.sock?db=1", "a:b:")
+    store = SqlStore(url=f"sqlite:///{tmp_path}/unused.db")
+    for bad in ("redis://h/0#", "redis://h/0#a%20b", "redis://h/0#" + "x" * 101,
+                "redis://h/0#a%0Ab"):
+        with pytest.raises(ConfigError) as excinfo:
+            build_replay_store(bad, store)
+        assert "x" * 20 not in str(excinfo.value)  # names the rule, does not echo the value
+    replay = build_replay_store("redis://127.0.0.1:1/0#pfx:", store)
+    assert isinstance(replay, RedisReplayStore)
+    asyncio.run(replay.close())
+    asyncio.run(store.close())
+
+
+def test_records_stay_under_their_prefix(redis_server: RedisServer) -> None:
+    spec = redis_server.replay_store()
+    _, prefix = split_redis_spec(spec)
+
+    async def scenario() -> tuple[str, str]:
+        replay = build_replay_store(spec, SqlStore(url="sqlite:///:memory:"))
+        try:
+            first = await replay.reserve("a" * 64, int(time.time()) + 60)
+            await replay.release("a" * 64)
+            again = await replay.reserve("a" * 64, int(time.time()) + 60)
+            await replay.done("a" * 64)
+            return first, again
+        finally:
+            await replay.close()
+
+    first, again = asyncio.run(scenario())
+    assert first == again  # a released token is charged again under the same payment id
+    assert redis_server.keys(spec) == [(prefix + "a" * 64).encode()]
+    assert redis_server.client.get(prefix + "a" * 64) == f"done:{first}".encode()
+    assert redis_server.client.ttl(prefix + "a" * 64) > 0  # expires with the token
+
+
+@pytest.fixture(scope="module")
+def behind_proxy(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer,
+                 redis_server: RedisServer) -> Iterator[tuple[Cluster, TcpProxy, str]]:
+    """One gateway whose Redis replay store is reached through a ``TcpProxy``."""
+    proxy = TcpProxy(*redis_server.address)
+    try:
+        spec = redis_server.replay_store(port=proxy.port)
+        cluster = start_cluster(tmp_path_factory.mktemp("redis"),
+                                postgres.create_database("redis"), spec, workers=(1,))
+        try:
+            yield cluster, proxy, spec
+        finally:
+            cluster.stop()
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("fault", ["down", "hang"])
+def test_redis_unreachable_fails_closed_and_recovers(
+        fault: str, behind_proxy: tuple[Cluster, TcpProxy, str],
+        redis_server: RedisServer) -> None:
+    cluster, proxy, spec = behind_proxy
+    forge = cluster.forge
+    used, token = forge.seal(), forge.seal()
+    key = {"Idempotency-Key": "redis-" + fault}
+    body = {"token": token, "amount": AMOUNT, "currency": "USD"}
+    ledger_before = len(cluster.ledger())
+    with cluster.client(0) as client:
+        assert_payment(client.post("/v1/payments", json={
+            "token": used, "amount": AMOUNT, "currency": "USD"}), amount=AMOUNT)
+
+        getattr(proxy, fault)()
+        for headers in (key, {}):
+            began = time.monotonic()
+            response = client.post("/v1/payments", json=body, headers=headers)
+            assert time.monotonic() - began < MAX_UNAVAILABLE_SECONDS
+            assert_error(response, 503, "storage_unavailable")  # with Retry-After
+        assert_error(client.get("/readyz"), 503, "storage_unavailable")
+        assert client.get("/healthz").status_code == 200
+        assert len(cluster.ledger()) == ledger_before + 1  # nothing charged meanwhile
+
+        proxy.up()
+        time.sleep(int(response.headers["retry-after"]))
+        paid = client.post("/v1/payments", json=body, headers=key)
+        payment = assert_payment(paid, amount=AMOUNT)
+        again = client.post("/v1/payments", json=body, headers=key)
+        assert (again.status_code, again.content) == (201, paid.content)
+        assert_error(client.post("/v1/payments", json=body), 409, "token_replayed")
+        assert_error(client.post("/v1/payments", json={
+            "token": used, "amount": AMOUNT, "currency": "USD"}), 409, "token_replayed")
+        assert client.get("/readyz").status_code == 200
+    rows = cluster.home.query("SELECT id FROM payments WHERE replay_id = :rid",
+                              rid=forge.replay_id_of(token))
+    assert rows == [{"id": payment["id"]}]
+    assert len(cluster.ledger()) == ledger_before + 2
+    assert cluster.home.query("SELECT count(*) AS n FROM used_tokens") == [{"n": 0}]
+    _, prefix = split_redis_spec(spec)
+    records = redis_server.client.mget([prefix + forge.replay_id_of(t) for t in (used, token)])
+    assert all(r is not None and r.startswith(b"done:") for r in records)  # they live in Redis

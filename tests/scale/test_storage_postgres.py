@@ -1,0 +1,116 @@
+"""``SqlStore`` on PostgreSQL, below the HTTP layer: what a lost connection does to each step.
+
+``pg_terminate_backend`` (``test_failover.py``) ends a session between statements, so a
+transaction either never committed or committed and said so. A crashing server or a broken
+link can also lose the answer to a COMMIT that did land. Here that is made exact: the driver's
+commit runs, then the connection "breaks" before the answer is read. The store must find out
+what happened instead of reporting a failure for a payment that is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from cardseal.errors import StorageError, TokenError
+from cardseal.storage.migrate import upgrade
+from cardseal.storage.sql import SqlStore, new_payment_id, replay_id
+from tests.conftest import PostgresServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def payment_row(payment_id: str, rid: str) -> dict[str, Any]:
+    return {
+        "id": payment_id, "issuer": "payment-service", "status": "authorized", "amount": 900,
+        "currency": "USD", "reference": None, "card_brand": "visa", "card_last4": "4242",
+        "card_masked": "424242******4242", "card_exp_month": 12, "card_exp_year": 2030,
+        "card_fingerprint": "fp_" + "0" * 32, "decline_code": None, "processor_ref": "ref",
+        "replay_id": rid, "created_at": datetime.now(UTC).replace(microsecond=0),
+    }
+
+
+class LostCommitAnswers:
+    """Makes the next ``lose`` commits land on the server and then fail on the client."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self.lose = 0
+        dialect = store.engine.sync_engine.dialect
+        original = dialect.do_commit
+
+        def do_commit(dbapi_connection: Any) -> None:
+            original(dbapi_connection)
+            if self.lose:
+                self.lose -= 1
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        dialect.do_commit = do_commit  # type: ignore[method-assign]
+
+
+def run(postgres: PostgresServer, scenario: Callable[[SqlStore, LostCommitAnswers],
+                                                     Coroutine[Any, Any, None]]) -> None:
+    url = postgres.create_database("store")
+    upgrade(url)
+
+    async def main() -> None:
+        store = SqlStore(url=url, pool_size=2)
+        try:
+            await scenario(store, LostCommitAnswers(store))
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_reservation_whose_commit_answer_was_lost_is_kept(postgres: PostgresServer) -> None:
+    async def scenario(store: SqlStore, faults: LostCommitAnswers) -> None:
+        rid = replay_id("payment-service", "jti-lost-reserve")
+        faults.lose = 1
+        payment_id = await store.reserve_token(rid, int(time.time()) + 60)
+        assert faults.lose == 0  # the answer was lost, and the store found its reservation
+        with pytest.raises(TokenError) as excinfo:  # reserved: a second use is a replay
+            await store.reserve_token(rid, int(time.time()) + 60)
+        assert excinfo.value.code == "token_replayed"
+        await store.release_token(rid)
+        assert await store.reserve_token(rid, int(time.time()) + 60) == payment_id
+
+    run(postgres, scenario)
+
+
+def test_a_payment_whose_commit_answer_was_lost_is_recorded_once(
+        postgres: PostgresServer) -> None:
+    async def scenario(store: SqlStore, faults: LostCommitAnswers) -> None:
+        rid = replay_id("payment-service", "jti-lost-record")
+        payment_id = await store.reserve_token(rid, int(time.time()) + 60)
+        faults.lose = 1
+        await store.record_payment(payment_row(payment_id, rid))  # no StorageError: it landed
+        assert faults.lose == 0
+        row = await store.get_payment(payment_id, "payment-service")
+        assert row is not None and row["replay_id"] == rid
+        with pytest.raises(TokenError):  # done, not pending: never charged again
+            await store.reserve_token(rid, int(time.time()) + 60)
+
+    run(postgres, scenario)
+
+
+def test_a_failure_before_the_commit_is_storage_unavailable(postgres: PostgresServer) -> None:
+    """The check tells a lost answer from a real failure: nothing landed, nothing is claimed."""
+
+    async def scenario(store: SqlStore, faults: LostCommitAnswers) -> None:
+        rid = replay_id("payment-service", "jti-unrecorded")
+        payment_id = await store.reserve_token(rid, int(time.time()) + 60)
+        row = payment_row(payment_id, rid) | {"currency": "TOO-LONG"}  # fails in the server
+        with pytest.raises(StorageError) as excinfo:
+            await store.record_payment(row)
+        assert excinfo.value.code == "storage_unavailable"
+        assert await store.get_payment(payment_id, "payment-service") is None
+        other = replay_id("payment-service", "jti-other")
+        await store.record_payment(payment_row(new_payment_id(), other))  # the pool is fine
+
+    run(postgres, scenario)
