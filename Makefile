@@ -42,8 +42,19 @@ run: venv
 	@echo "  echo '{\"card_number\": \"4242424242424242\", \"expiry_date\": \"12/29\", \"cvv\": \"123\"}' | $(VENV)/bin/cardseal --config $(DEV_DIR)/gateway/cardseal.toml pay --amount 1999 --currency USD"
 	$(VENV)/bin/cardseal --config $(DEV_DIR)/gateway/cardseal.toml serve
 
+# Benchmarks against the seed's flow and the raw cryptography, same run (~8 min; see
+# benchmarks/README.md). BENCH_ARGS passes options, e.g. BENCH_ARGS="--quick --rows seal,open".
 bench: venv
-	$(PY) benchmarks/micro.py
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# The long runs (not in `make test`): a million fuzzed inputs over the token, meta_data and
+# request-body parsers, then a 10-minute soak of `cardseal serve` under mixed traffic. Figures
+# in fuzz/reports/latest.md; see fuzz/README.md.
+fuzz: venv
+	$(PY) -m ruff check fuzz
+	$(PY) -m mypy --strict fuzz
+	$(PY) fuzz/run.py --inputs 1000000
+	$(PY) fuzz/soak.py --minutes 10
 
 clean:
 	rm -rf $(VENV) $(DEV_DIR) .pytest_cache .mypy_cache .ruff_cache .hypothesis
