@@ -1,0 +1,1 @@
+"""cardseal's benchmark suite: ``make bench`` or ``python -m benchmarks`` (see ``run.py``)."""
