@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 lint: venv
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks fuzz
 
 typecheck: venv
 	$(PY) -m mypy

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Final
 
 import jwt
-from benchmarks.seed_flow import AUDIENCE, ISSUER, SeedServer, new_kms_client
 from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+
+from benchmarks.seed_flow import AUDIENCE, ISSUER, SeedServer, new_kms_client
 
 _JSON: Final = "application/json"
 _OK: Final = b'{"status":"authorized"}'
