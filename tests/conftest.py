@@ -26,9 +26,7 @@ from sqlalchemy.engine import make_url
 
 from cardseal.storage.replay import split_redis_spec
 from cardseal.testing import LocalSetup
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-WYCHEPROOF = SHARED / "vectors" / "wycheproof"
+from tests import WYCHEPROOF
 
 
 @pytest.fixture
@@ -39,7 +37,10 @@ def setup(tmp_path: Path) -> LocalSetup:
 @pytest.fixture(scope="session")
 def wycheproof_dir() -> Path:
     if not WYCHEPROOF.is_dir():
-        raise RuntimeError(f"Wycheproof vectors not found at {WYCHEPROOF} (../shared)")
+        raise RuntimeError(
+            f"Wycheproof vectors not found at {WYCHEPROOF}: check out ../shared"
+            " next to this repository, or set CARDSEAL_WYCHEPROOF"
+        )
     return WYCHEPROOF
 
 
