@@ -20,13 +20,16 @@ _B64URL_INDEX: Final = {
 }
 
 _URL_TO_STD: Final = bytes.maketrans(b"-_+/=", b"+/!!!")
+_STD_TO_URL: Final = bytes.maketrans(b"+/", b"-_")
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 
 MAX_JSON_DEPTH: Final = 8
 """Deepest nesting of objects and arrays accepted in a header, claim set or card."""
 
 
 def b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    """Unpadded base64url (RFC 7515 section 2)."""
+    return binascii.b2a_base64(data, newline=False).translate(_STD_TO_URL).rstrip(b"=").decode()
 
 
 def b64url_decode(text: str) -> bytes:
@@ -172,4 +175,4 @@ def loads_strict(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_JSON
 
 def dumps_compact(value: Any) -> bytes:
     """Compact, sorted-key JSON as UTF-8 bytes (deterministic, for signing and AAD)."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    return _COMPACT.encode(value).encode()

@@ -15,9 +15,10 @@ import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
+from json.encoder import encode_basestring
 from typing import Any, Final
 
-from cardseal._encoding import dumps_compact, loads_strict
+from cardseal._encoding import loads_strict
 from cardseal.errors import CardError, RequestError
 
 MAX_CARD_JSON_BYTES: Final = 1024
@@ -239,14 +240,11 @@ class Card:
 
     def to_json(self) -> bytes:
         """The contract's card JSON (with PAN and CVV): the plaintext that gets sealed."""
-        value: dict[str, str] = {
-            "card_number": self._pan,
-            "expiry_date": f"{self.exp_month:02d}/{self.exp_year:04d}",
-            "cvv": self._cvv,
-        }
-        if self.cardholder_name is not None:
-            value["cardholder_name"] = self.cardholder_name
-        return dumps_compact(value)
+        # dumps_compact's bytes (sorted keys), written out: PAN and CVV are digits by now.
+        name = self.cardholder_name
+        named = "" if name is None else ',"cardholder_name":' + encode_basestring(name)
+        return (f'{{"card_number":"{self._pan}"{named},"cvv":"{self._cvv}",'
+                f'"expiry_date":"{self.exp_month:02d}/{self.exp_year:04d}"}}').encode()
 
     def __repr__(self) -> str:
         return f"Card(brand={self.brand!r}, masked={self.masked!r})"

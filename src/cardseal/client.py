@@ -6,9 +6,11 @@ import json
 import secrets
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from typing import Final
 
 from cardseal import jws
+from cardseal._encoding import b64url_encode, dumps_compact
 from cardseal.card import Card
 from cardseal.envelope import (
     FORMATS,
@@ -23,6 +25,7 @@ from cardseal.keys.signing import Signer
 from cardseal.tokens import DEFAULT_MAX_LIFETIME, MAX_LIFETIME_CAP, TOKEN_TYPE, Payment
 
 _JTI_BYTES: Final = 16  # 128 bits of randomness, as the contract asks
+_CLAIMS_JSON: Final = json.JSONEncoder(separators=(",", ":"))
 
 
 class Sealer:
@@ -60,7 +63,10 @@ class Sealer:
         self._format = format
         self._lifetime = lifetime
         self._now = now
-        self._header = {"alg": signer.alg, "kid": signer.kid, "typ": TOKEN_TYPE}
+        self._claims_head = (f'{{"iss":{encode_basestring_ascii(issuer)},'
+                             f'"aud":{encode_basestring_ascii(audience)},"iat":')
+        self._header_b64 = b64url_encode(
+            dumps_compact({"alg": signer.alg, "kid": signer.kid, "typ": TOKEN_TYPE}))
         self._envelope = (
             EnvelopeSealer(providers=providers, key_uri=kms_key, reuse=reuse)
             if format == "envelope"
@@ -89,15 +95,11 @@ class Sealer:
                 kms_direct_context(self._issuer, self._audience, jti),
             )
         iat = int(self._now())
-        claims: dict[str, object] = {
-            "iss": self._issuer,
-            "aud": self._audience,
-            "iat": iat,
-            "exp": iat + self._lifetime,
-            "jti": jti,
-            "meta_data": meta_data,
-        }
-        if payment is not None:
-            claims["payment"] = payment.to_claim()
-        payload = json.dumps(claims, separators=(",", ":")).encode()
-        return jws.encode_compact(self._header, payload, self._signer.sign)
+        # The claim set as json.dumps(..., separators=(",", ":")) writes it, the constant head
+        # prepared once.
+        payment_json = "" if payment is None else (
+            ',"payment":' + _CLAIMS_JSON.encode(payment.to_claim()))
+        payload = (f'{self._claims_head}{iat},"exp":{iat + self._lifetime},'
+                   f'"jti":{encode_basestring_ascii(jti)},'
+                   f'"meta_data":{encode_basestring_ascii(meta_data)}{payment_json}}}').encode()
+        return jws.encode_compact_b64(self._header_b64, payload, self._signer.sign)

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import Final, Generic, TypeVar
 
 from cryptography.exceptions import InvalidTag
@@ -36,7 +37,6 @@ from cardseal._encoding import (
     b64_decode_lenient_alphabet,
     b64url_decode,
     b64url_encode,
-    dumps_compact,
     loads_strict,
 )
 from cardseal.errors import ConfigError, DecryptionError
@@ -96,7 +96,7 @@ class DataKeyReuse:
 @dataclass(slots=True)
 class _LiveDataKey:
     aead: AESGCM = field(repr=False)
-    wrapped: bytes
+    wrapped_b64: str
     born: float
     uses: int = 0
 
@@ -119,6 +119,8 @@ class EnvelopeSealer:
         self._clock = clock
         self._live: dict[tuple[tuple[str, str], ...], _LiveDataKey] = {}
         self._lock = threading.Lock()
+        self._header_head = '{"alg":"kms","enc":"A256GCM","jti":'
+        self._header_tail = ',"kid":' + encode_basestring(key_uri) + "}"
 
     def _data_key(self, context: Mapping[str, str]) -> _LiveDataKey:
         slot = tuple(sorted(context.items()))
@@ -131,22 +133,24 @@ class EnvelopeSealer:
                 or now - live.born >= self._reuse.max_age
             ):
                 data_key = self._providers.generate_data_key(self._key_uri, context)
-                live = _LiveDataKey(AESGCM(data_key.plaintext), data_key.wrapped, now)
+                live = _LiveDataKey(
+                    AESGCM(data_key.plaintext), b64url_encode(data_key.wrapped), now)
                 self._live[slot] = live
             live.uses += 1
             return live
 
     def seal(self, plaintext: bytes, *, iss: str, aud: str, jti: str) -> str:
         live = self._data_key(envelope_context(iss, aud))
+        # dumps_compact of {"alg": "kms", "enc": "A256GCM", "kid": key_uri, "jti": jti}, with
+        # the parts that never change prepared once.
         protected = b64url_encode(
-            dumps_compact({"alg": "kms", "enc": "A256GCM", "kid": self._key_uri, "jti": jti})
-        )
+            (self._header_head + encode_basestring(jti) + self._header_tail).encode())
         iv = os.urandom(_IV_BYTES)
         sealed = live.aead.encrypt(iv, plaintext, protected.encode("ascii"))
         return ".".join(
             (
                 protected,
-                b64url_encode(live.wrapped),
+                live.wrapped_b64,
                 b64url_encode(iv),
                 b64url_encode(sealed[:-_TAG_BYTES]),
                 b64url_encode(sealed[-_TAG_BYTES:]),

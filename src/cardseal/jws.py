@@ -251,5 +251,12 @@ def encode_compact(
     header: dict[str, Any], payload: bytes, sign: Callable[[bytes], bytes]
 ) -> str:
     """Build a compact JWS: ``sign`` gets the ASCII signing input, returns the JOSE signature."""
-    signing_input = b64url_encode(dumps_compact(header)) + "." + b64url_encode(payload)
+    return encode_compact_b64(b64url_encode(dumps_compact(header)), payload, sign)
+
+
+def encode_compact_b64(
+    header_b64: str, payload: bytes, sign: Callable[[bytes], bytes]
+) -> str:
+    """``encode_compact`` with the header already encoded (a sealer's header never changes)."""
+    signing_input = header_b64 + "." + b64url_encode(payload)
     return signing_input + "." + b64url_encode(sign(signing_input.encode("ascii")))

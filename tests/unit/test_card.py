@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from cardseal._encoding import dumps_compact
 from cardseal.card import Card, CardView, luhn_valid
 from cardseal.errors import CardError, RequestError
 from cardseal.testing import SAMPLE_PANS, sample_card_json
@@ -299,3 +300,14 @@ def test_card_errors_never_echo_the_number() -> None:
         make("4242424242424241")
     assert "4242" not in str(excinfo.value)
     assert "4242" not in repr(excinfo.value)
+
+
+@pytest.mark.parametrize("name", [None, "Ada Lovelace", 'O"Brien \\ Ünal', "\u00e9\u4e2d\n"])
+def test_to_json_is_the_compact_sorted_json_of_the_card(name: str | None) -> None:
+    card = Card(card_number="4111 1111 1111 1111", expiry_date="07/2031", cvv="123",
+                cardholder_name=name)
+    value = {"card_number": "4111111111111111", "expiry_date": "07/2031", "cvv": "123"}
+    if name is not None:
+        value["cardholder_name"] = name
+    assert card.to_json() == dumps_compact(value)
+    assert Card.from_json(card.to_json()).to_json() == card.to_json()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -69,6 +70,28 @@ def check_alg_fits(key: PublicKey, alg: str) -> None:
         raise ConfigError(f"The signing key does not fit {alg}.")
 
 
+def _sign_function(
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, alg: str
+) -> Callable[[bytes], bytes]:
+    """The JOSE signing function of ``key`` for ``alg``, chosen once (not per token)."""
+    sha256 = hashes.SHA256()
+    if isinstance(key, rsa.RSAPrivateKey):
+        rsa_key = key
+        pad: padding.AsymmetricPadding = (
+            padding.PSS(mgf=padding.MGF1(sha256), salt_length=32) if alg == "PS256"
+            else padding.PKCS1v15())
+        return lambda data: rsa_key.sign(data, pad, sha256)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        ec_key, ecdsa = key, ec.ECDSA(sha256)
+
+        def sign_ec(data: bytes) -> bytes:
+            r, s = decode_dss_signature(ec_key.sign(data, ecdsa))
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+        return sign_ec
+    return key.sign
+
+
 class PemSigner(Signer):
     """A private key loaded once (parsing a PEM per token is what makes the seed slow)."""
 
@@ -84,12 +107,7 @@ class PemSigner(Signer):
         self._key = private_key
         self._public = public
         self.kid = thumbprint(public_jwk(public))
-        if self.alg == "PS256":
-            self._pad: padding.AsymmetricPadding = padding.PSS(
-                mgf=padding.MGF1(hashes.SHA256()), salt_length=32
-            )
-        else:
-            self._pad = padding.PKCS1v15()
+        self._sign = _sign_function(private_key, self.alg)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, alg: str | None = None) -> PemSigner:
@@ -108,13 +126,7 @@ class PemSigner(Signer):
         return self._public
 
     def sign(self, signing_input: bytes) -> bytes:
-        key = self._key
-        if isinstance(key, rsa.RSAPrivateKey):
-            return key.sign(signing_input, self._pad, hashes.SHA256())
-        if isinstance(key, ec.EllipticCurvePrivateKey):
-            r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        return key.sign(signing_input)
+        return self._sign(signing_input)
 
 
 def generate_private_key_pem(alg: str = "RS256") -> bytes:
