@@ -1,4 +1,4 @@
-"""The gateway's state on SQL (SQLite by default, PostgreSQL by URL), through SQLAlchemy async.
+"""The gateway's state on SQL (SQLite by default, PostgreSQL by URL), through SQLAlchemy.
 
 ``SqlStore`` keeps the ledger, the single-use record of tokens (``SqlReplayStore`` semantics:
 reserve, release, spend, and done inside the payment's own transaction), idempotency keys and
@@ -10,23 +10,41 @@ is not answered with a 503 (nor its token refused) just because the answer to CO
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Select, delete, event, insert, select, text, update
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy import (
+    Select,
+    Table,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import BindParameter
 
 from cardseal.errors import RequestError, StorageError, TokenError
-from cardseal.storage.migrate import async_url
+from cardseal.storage.migrate import async_url, sync_url
 from cardseal.storage.models import api_keys, idempotency_keys, payments, used_tokens
+from cardseal.storage.sqlite_writer import SQLITE_BUSY_TIMEOUT_MS, SqliteWriter
+
+_T = TypeVar("_T")
 
 
 def new_payment_id() -> str:
@@ -47,52 +65,126 @@ class IdempotentReplay:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # transactions are ours: BEGIN IMMEDIATE below
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")  # a ledger: a 201 survives power loss
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
 
 
+def _sqlite_begin(connection: Connection) -> None:
+    # Take the write lock up front: a deferred transaction that reads, then writes, fails at
+    # once (SQLITE_BUSY_SNAPSHOT, no busy wait) when another process wrote in between.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class _Statements:
+    """The hot statements, built once: SQLAlchemy then skips building and cache-keying a
+    statement per call (of a payment's storage CPU, that was most)."""
+
+    def __init__(self, dialect_insert: Callable[[Table], Any]) -> None:
+        rid: BindParameter[str] = bindparam("rid")
+        # RETURNING tells whether the row went in (an INSERT's rowcount is driver lore).
+        self.reserve = dialect_insert(used_tokens).on_conflict_do_nothing().returning(
+            used_tokens.c.replay_id)
+        self.reserve_released = (
+            update(used_tokens)
+            .where(used_tokens.c.replay_id == rid, used_tokens.c.state == "released")
+            .values(state="pending")
+            .returning(used_tokens.c.payment_id))
+        self.release = update(used_tokens).where(
+            used_tokens.c.replay_id == rid, used_tokens.c.state == "pending",
+        ).values(state="released")
+        self.spend = update(used_tokens).where(used_tokens.c.replay_id == rid).values(
+            state="spent")
+        self.done = update(used_tokens).where(used_tokens.c.replay_id == rid).values(
+            state="done")
+        self.record = dialect_insert(payments).on_conflict_do_nothing().returning(payments.c.id)
+        self.claim_key = dialect_insert(idempotency_keys).on_conflict_do_nothing().returning(
+            idempotency_keys.c.key)
+        this_key = (idempotency_keys.c.issuer == bindparam("k_issuer"),
+                    idempotency_keys.c.key == bindparam("k_key"))
+        self.finish_key = update(idempotency_keys).where(*this_key).values(state="done")
+        self.abandon_key = delete(idempotency_keys).where(
+            *this_key, idempotency_keys.c.state == "in_flight")
+
+
 class SqlStore:
-    """Ledger, replay, idempotency and API keys on one database."""
+    """Ledger, replay, idempotency and API keys on one database.
+
+    Every operation is one function of a connection, run in one transaction (``_run``). On
+    PostgreSQL that is a transaction of the async engine's pool. SQLite has one writer at a
+    time anyway, so there one thread with one connection runs them all (``SqliteWriter``),
+    several per transaction (group commit): one fsync serves every payment recorded in it.
+    """
 
     def __init__(self, *, url: str, pool_size: int = 10, engine: AsyncEngine | None = None) -> None:
-        url = async_url(url)
-        if engine is None:
-            options: dict[str, Any] = {"pool_pre_ping": True}
-            if not url.startswith("sqlite"):
-                options.update(pool_size=pool_size, max_overflow=pool_size, pool_timeout=5.0,
-                               connect_args={"connect_timeout": 5})
-            engine = create_async_engine(url, **options)
-            if url.startswith("sqlite"):
-                sync_engine: Engine = engine.sync_engine
-                event.listen(sync_engine, "connect", _sqlite_pragmas)
+        sqlite = make_url(sync_url(url)).get_backend_name() == "sqlite"
+        self._writer: SqliteWriter | None = None
+        self._reader: Engine | None = None
+        if sqlite:
+            writes = create_engine(sync_url(url), poolclass=NullPool)
+            event.listen(writes, "connect", _sqlite_pragmas)
+            event.listen(writes, "begin", _sqlite_begin)
+            self._writer = SqliteWriter(writes)
+            # Reads (each one statement, autocommit) on their own pool, beside the
+            # writer: in WAL mode they neither wait for nor block it.
+            self._reader = create_engine(sync_url(url))
+            event.listen(self._reader, "connect", _sqlite_pragmas)
+        self._sql = _Statements(sqlite_insert if sqlite else pg_insert)
+        if engine is None and not sqlite:
+            engine = create_async_engine(
+                async_url(url), pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size,
+                pool_timeout=5.0, connect_args={"connect_timeout": 5})
         self.engine = engine
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        if self._writer is not None:
+            await self._writer.close()
+        if self._reader is not None:
+            self._reader.dispose()
+        if self.engine is not None:
+            await self.engine.dispose()
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+    async def _run(self, work: Callable[[Connection], _T]) -> _T:
+        """``work`` in one transaction. Database trouble is ``StorageError``; the contract's
+        own errors that ``work`` raises pass through."""
+        if self._writer is not None:
+            return await self._writer.run(work)
+        if self.engine is None:  # pragma: no cover - a store has a writer or an engine
+            raise StorageError()
         try:
             async with self.engine.begin() as conn:
-                yield conn
-        except (IntegrityError, TokenError, RequestError):
+                return await conn.run_sync(work)
+        except (TokenError, RequestError):
             raise
         except (SQLAlchemyError, OSError, TimeoutError) as err:
             raise StorageError() from err
 
+    async def _read(self, work: Callable[[Connection], _T]) -> _T:
+        """``work`` that only reads: on SQLite beside the writer, elsewhere as ``_run``."""
+        if self._reader is None:
+            return await self._run(work)
+        reader = self._reader
+
+        def read() -> _T:
+            with reader.connect() as conn:
+                return work(conn)
+
+        try:
+            return await asyncio.to_thread(read)
+        except (SQLAlchemyError, OSError, TimeoutError) as err:
+            raise StorageError() from err
+
     async def ping(self) -> None:
-        async with self._tx() as conn:
-            await conn.execute(text("SELECT 1"))
+        await self._read(lambda conn: conn.execute(text("SELECT 1")))
 
     async def _landed(self, query: Select[Any]) -> bool:
         """Whether a transaction that failed with ``StorageError`` committed all the same (its
         answer was lost with the connection): ``query`` finds a row only it could have written.
         Raises ``StorageError`` when the database still cannot answer."""
-        async with self._tx() as conn:
-            return (await conn.execute(query)).first() is not None
+        return await self._read(lambda conn: conn.execute(query).first() is not None)
 
     # -- single use ---------------------------------------------------------------------------
 
@@ -104,41 +196,33 @@ class SqlStore:
         ``TokenError(token_replayed)`` if the token is spent, done or being charged.
         """
         payment_id = new_payment_id()
+
+        def reserve(conn: Connection) -> str:
+            if conn.execute(self._sql.reserve, {
+                "replay_id": rid, "payment_id": payment_id, "state": "pending",
+                "expires_at": expires_at,
+            }).first() is not None:
+                return payment_id
+            row = conn.execute(self._sql.reserve_released, {"rid": rid}).first()
+            if row is None:
+                raise TokenError(code="token_replayed")
+            return str(row.payment_id)
+
         try:
-            async with self._tx() as conn:
-                await conn.execute(insert(used_tokens).values(
-                    replay_id=rid, payment_id=payment_id, state="pending", expires_at=expires_at))
-            return payment_id
-        except IntegrityError:
-            pass
+            return await self._run(reserve)
         except StorageError:
             if not await self._landed(select(used_tokens.c.replay_id).where(
                     used_tokens.c.replay_id == rid, used_tokens.c.payment_id == payment_id)):
                 raise
             return payment_id  # the id is new: the reservation is this request's
-        async with self._tx() as conn:
-            row = (await conn.execute(
-                update(used_tokens)
-                .where(used_tokens.c.replay_id == rid, used_tokens.c.state == "released")
-                .values(state="pending")
-                .returning(used_tokens.c.payment_id)
-            )).first()
-        if row is None:
-            raise TokenError(code="token_replayed")
-        return str(row.payment_id)
 
     async def release_token(self, rid: str) -> None:
         """Give a reserved token back after a failure worth retrying (KMS, processor down)."""
-        async with self._tx() as conn:
-            await conn.execute(update(used_tokens).where(
-                used_tokens.c.replay_id == rid, used_tokens.c.state == "pending"
-            ).values(state="released"))
+        await self._run(lambda conn: conn.execute(self._sql.release, {"rid": rid}))
 
     async def spend_token(self, rid: str) -> None:
         """Mark a reserved token used for good without a payment (its card was refused)."""
-        async with self._tx() as conn:
-            await conn.execute(update(used_tokens).where(
-                used_tokens.c.replay_id == rid).values(state="spent"))
+        await self._run(lambda conn: conn.execute(self._sql.spend, {"rid": rid}))
 
     # -- ledger -------------------------------------------------------------------------------
 
@@ -148,23 +232,25 @@ class SqlStore:
         Raises ``TokenError(token_replayed)`` when the ledger already holds a payment for this
         token (a replay store outside this database lost its record of it).
         """
+        def record(conn: Connection) -> None:
+            if conn.execute(self._sql.record, row).first() is None:
+                raise TokenError(code="token_replayed")
+            conn.execute(self._sql.done, {"rid": row["replay_id"]})
+
         try:
-            async with self._tx() as conn:
-                await conn.execute(insert(payments).values(**row))
-                await conn.execute(update(used_tokens).where(
-                    used_tokens.c.replay_id == row["replay_id"]).values(state="done"))
-        except IntegrityError:
-            raise TokenError(code="token_replayed") from None
+            await self._run(record)
         except StorageError:
             # Only this request holds the reservation that carries this payment id.
             if not await self._landed(select(payments.c.id).where(payments.c.id == row["id"])):
                 raise
 
     async def get_payment(self, payment_id: str, issuer: str) -> dict[str, Any] | None:
-        async with self._tx() as conn:
-            row = (await conn.execute(select(payments).where(
-                payments.c.id == payment_id, payments.c.issuer == issuer))).first()
-        return dict(row._mapping) if row is not None else None
+        def get(conn: Connection) -> dict[str, Any] | None:
+            row = conn.execute(select(payments).where(
+                payments.c.id == payment_id, payments.c.issuer == issuer)).first()
+            return dict(row._mapping) if row is not None else None
+
+        return await self._read(get)
 
     # -- idempotency --------------------------------------------------------------------------
 
@@ -176,37 +262,32 @@ class SqlStore:
         Raises ``RequestError(idempotency_conflict)`` when the key is in flight or was used
         with another request body, ``StorageError`` on database trouble.
         """
-        try:
-            async with self._tx() as conn:
-                await conn.execute(insert(idempotency_keys).values(
-                    issuer=issuer, key=key, request_hash=request_hash, state="in_flight",
-                    created_at=datetime.now(UTC)))
-            return None
-        except IntegrityError:
-            pass
-        async with self._tx() as conn:
-            row = (await conn.execute(select(idempotency_keys).where(
-                idempotency_keys.c.issuer == issuer, idempotency_keys.c.key == key))).first()
-        if (
-            row is None  # abandoned between our insert and select: the caller may retry
-            or not hmac.compare_digest(row.request_hash, request_hash)
-            or row.state != "done"
-        ):
-            raise RequestError(code="idempotency_conflict")
-        return IdempotentReplay(int(row.status_code), str(row.response))
+        def begin(conn: Connection) -> IdempotentReplay | None:
+            if conn.execute(self._sql.claim_key, {
+                "issuer": issuer, "key": key, "request_hash": request_hash,
+                "state": "in_flight", "created_at": datetime.now(UTC),
+            }).first() is not None:
+                return None
+            row = conn.execute(select(idempotency_keys).where(
+                idempotency_keys.c.issuer == issuer, idempotency_keys.c.key == key)).first()
+            if (
+                row is None  # abandoned since our insert (read committed): the caller may retry
+                or not hmac.compare_digest(row.request_hash, request_hash)
+                or row.state != "done"
+            ):
+                raise RequestError(code="idempotency_conflict")
+            return IdempotentReplay(int(row.status_code), str(row.response))
+
+        return await self._run(begin)
 
     async def finish_idempotent(self, issuer: str, key: str, status_code: int, body: str) -> None:
-        async with self._tx() as conn:
-            await conn.execute(update(idempotency_keys).where(
-                idempotency_keys.c.issuer == issuer, idempotency_keys.c.key == key
-            ).values(state="done", status_code=status_code, response=body))
+        await self._run(lambda conn: conn.execute(self._sql.finish_key, {
+            "k_issuer": issuer, "k_key": key, "status_code": status_code, "response": body}))
 
     async def abandon_idempotent(self, issuer: str, key: str) -> None:
         """Forget an in-flight key whose request failed in a retryable way (5xx)."""
-        async with self._tx() as conn:
-            await conn.execute(delete(idempotency_keys).where(
-                idempotency_keys.c.issuer == issuer, idempotency_keys.c.key == key,
-                idempotency_keys.c.state == "in_flight"))
+        await self._run(lambda conn: conn.execute(
+            self._sql.abandon_key, {"k_issuer": issuer, "k_key": key}))
 
     # -- API keys -----------------------------------------------------------------------------
 
@@ -214,10 +295,9 @@ class SqlStore:
         """A new API key for ``issuer``: returned once, stored as a SHA-256 hash only."""
         key_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
-        async with self._tx() as conn:
-            await conn.execute(insert(api_keys).values(
-                id=key_id, issuer=issuer, created_at=datetime.now(UTC),
-                secret_hash=hashlib.sha256(secret.encode()).hexdigest()))
+        await self._run(lambda conn: conn.execute(insert(api_keys).values(
+            id=key_id, issuer=issuer, created_at=datetime.now(UTC),
+            secret_hash=hashlib.sha256(secret.encode()).hexdigest())))
         return f"csk_{key_id}_{secret}"
 
     async def issuer_for_api_key(self, api_key: str) -> str | None:
@@ -226,8 +306,8 @@ class SqlStore:
         key_id, _, secret = rest.partition("_")
         if prefix != "csk" or len(key_id) != 16 or not secret or len(api_key) > 128:
             return None
-        async with self._tx() as conn:
-            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+        row = await self._read(
+            lambda conn: conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first())
         presented = hashlib.sha256(secret.encode()).hexdigest()
         expected = row.secret_hash if row is not None else "0" * 64
         if hmac.compare_digest(presented, expected) and row is not None:
@@ -236,7 +316,5 @@ class SqlStore:
 
     async def purge_expired_tokens(self, before: int) -> int:
         """Delete single-use records of tokens that expired before ``before`` (epoch s)."""
-        async with self._tx() as conn:
-            result = await conn.execute(
-                delete(used_tokens).where(used_tokens.c.expires_at < before))
-        return int(result.rowcount or 0)
+        return await self._run(lambda conn: int(conn.execute(
+            delete(used_tokens).where(used_tokens.c.expires_at < before)).rowcount or 0))

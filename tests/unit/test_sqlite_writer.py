@@ -1,0 +1,178 @@
+"""``SqliteWriter``: one thread, one connection, group commit; failures stay contained."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Engine, Integer, MetaData, Table, create_engine, event, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from cardseal.errors import StorageError, TokenError
+from cardseal.storage.sql import _sqlite_begin, _sqlite_pragmas
+from cardseal.storage.sqlite_writer import SqliteWriter
+
+metadata = MetaData()
+rows = Table("rows", metadata, Column("n", Integer, primary_key=True))
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = create_engine(f"sqlite:///{tmp_path}/w.db")
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
+    metadata.create_all(engine)
+    yield engine
+    engine.dispose()
+
+
+def stored(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return sorted(conn.execute(select(rows.c.n)).scalars())
+
+
+def insert(n: int) -> Callable[[Connection], int]:
+    def work(conn: Connection) -> int:
+        conn.execute(rows.insert().values(n=n))
+        return n
+    return work
+
+
+async def queued(writer: SqliteWriter, count: int) -> None:
+    """Wait until ``count`` operations wait in the writer's queue."""
+    for _ in range(1000):
+        if writer._jobs.qsize() >= count:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the operations never queued")
+
+
+def test_what_queues_meanwhile_commits_in_one_transaction(engine: Engine) -> None:
+    writer = SqliteWriter(engine)
+    gate = asyncio.Event()
+
+    async def scenario() -> list[object]:
+        loop = asyncio.get_running_loop()
+        opened = loop.create_future()
+
+        def first(conn: Connection) -> str:  # holds the writer until 49 more have queued
+            loop.call_soon_threadsafe(opened.set_result, None)
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=10)
+            return "first"
+
+        head = asyncio.ensure_future(writer.run(first))
+        await opened
+        rest = [asyncio.ensure_future(writer.run(insert(n))) for n in range(49)]
+        await queued(writer, 49)
+        gate.set()
+        results = await asyncio.gather(head, *rest)
+        await writer.close()
+        return results
+
+    assert asyncio.run(scenario()) == ["first", *range(49)]
+    assert (writer.batches, writer.operations) == (2, 50)  # 49 rows, one commit
+    assert stored(engine) == list(range(49))
+
+
+def test_batches_are_bounded(engine: Engine) -> None:
+    writer = SqliteWriter(engine, max_batch=4)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(writer.run(insert(n)) for n in range(10)))
+        await writer.close()
+
+    asyncio.run(scenario())
+    assert stored(engine) == list(range(10))
+    assert writer.batches >= 3  # at most 4 per transaction
+
+
+def test_a_contract_error_fails_its_operation_alone(engine: Engine) -> None:
+    writer = SqliteWriter(engine)
+
+    def refused(conn: Connection) -> None:
+        raise TokenError(code="token_replayed")
+
+    async def scenario() -> list[object]:
+        results = await asyncio.gather(writer.run(insert(1)), writer.run(refused),
+                                       writer.run(insert(2)), return_exceptions=True)
+        await writer.close()
+        return list(results)
+
+    first, error, second = asyncio.run(scenario())
+    assert (first, second) == (1, 2)
+    assert isinstance(error, TokenError) and error.code == "token_replayed"
+    assert stored(engine) == [1, 2]
+
+
+def test_a_database_error_fails_the_whole_batch_and_the_next_one_works(engine: Engine) -> None:
+    writer = SqliteWriter(engine)
+
+    async def scenario() -> tuple[list[object], int]:
+        # insert(1) twice in one batch: the primary key refuses the second, which rolls
+        # back the first as well.
+        gate = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        opened = loop.create_future()
+
+        def hold(conn: Connection) -> None:
+            loop.call_soon_threadsafe(opened.set_result, None)
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=10)
+
+        head = asyncio.ensure_future(writer.run(hold))
+        await opened
+        batch = [asyncio.ensure_future(writer.run(work))
+                 for work in (insert(1), insert(1), insert(2))]
+        await queued(writer, 3)
+        gate.set()
+        await head
+        results: list[object] = list(await asyncio.gather(*batch, return_exceptions=True))
+        after = await writer.run(insert(3))
+        await writer.close()
+        return results, after
+
+    results, after = asyncio.run(scenario())
+    for result in results:
+        assert isinstance(result, StorageError) and result.code == "storage_unavailable"
+        assert isinstance(result.__cause__, IntegrityError)
+    assert after == 3
+    assert stored(engine) == [3]  # nothing of the failed batch landed
+
+
+def test_a_bug_in_an_operation_is_its_own_error_and_fails_the_batch(engine: Engine) -> None:
+    writer = SqliteWriter(engine, max_batch=1)
+
+    def broken(conn: Connection) -> None:
+        conn.execute(rows.insert().values(n=7))
+        raise ValueError("bug")
+
+    async def scenario() -> object:
+        try:
+            return await writer.run(broken)
+        except ValueError as err:
+            return err
+        finally:
+            await writer.close()
+
+    assert isinstance(asyncio.run(scenario()), ValueError)
+    assert stored(engine) == []  # its write was rolled back
+
+
+def test_a_closed_writer_starts_again(engine: Engine) -> None:
+    writer = SqliteWriter(engine)
+
+    async def scenario() -> None:
+        await writer.run(insert(1))
+        await writer.close()
+        await writer.run(insert(2))
+        await writer.close()
+
+    asyncio.run(scenario())
+    assert stored(engine) == [1, 2]
+
+
+def test_max_batch_is_bounded(engine: Engine) -> None:
+    with pytest.raises(ValueError):
+        SqliteWriter(engine, max_batch=0)
