@@ -97,6 +97,8 @@ async def _run(command: dict[str, Any]) -> dict[str, Any]:
                 writer.close()
                 reader, writer = await connect()
                 served = 0
+                if not queue:  # emptied by the others while this one reconnected
+                    break
             request = queue.popleft()
             sent = clock()
             try:

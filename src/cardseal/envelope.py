@@ -101,6 +101,11 @@ class _LiveDataKey:
     uses: int = 0
 
 
+class NeedsRemoteKms(Exception):  # noqa: N818 - a signal, not an error
+    """Opening would call a remote KMS, and the caller asked not to (``allow_remote=False``):
+    it retries off its event loop. Never raised otherwise; not a contract error."""
+
+
 class EnvelopeSealer:
     """Seals card JSON into ``envelope`` ``meta_data`` under one KMS key, reusing data keys."""
 
@@ -182,13 +187,15 @@ class EnvelopeOpener:
         self.observers: list[Callable[[bool], None]] = []  # called with hit=True/False
 
     def open(
-        self, meta_data: str, *, allowed_keys: Sequence[str], iss: str, aud: str, jti: str
+        self, meta_data: str, *, allowed_keys: Sequence[str], iss: str, aud: str, jti: str,
+        allow_remote: bool = True,
     ) -> bytes:
         """Decrypt ``meta_data``; return the card JSON bytes.
 
         ``allowed_keys`` are canonical key URIs (``KeyProviders.canonical_uri``). Raises
         ``DecryptionError`` (meta_data_malformed, kms_key_not_allowed, decryption_failed) or
-        ``KeyProviderError`` (kms_unavailable).
+        ``KeyProviderError`` (kms_unavailable); with ``allow_remote=False``, ``NeedsRemoteKms``
+        instead of calling a remote KMS for a data key the cache does not hold.
         """
         if len(meta_data) > MAX_META_DATA_CHARS:
             raise DecryptionError(code="meta_data_malformed")
@@ -218,16 +225,18 @@ class EnvelopeOpener:
         kid = _allowed(self._providers, header["kid"], allowed_keys)
         if header["jti"] != jti:  # moved from another token
             raise DecryptionError(code="decryption_failed")
-        aead = self._unwrap(kid, wrapped, iss, aud)
+        aead = self._unwrap(kid, wrapped, iss, aud, allow_remote)
         try:
             return aead.decrypt(iv, ciphertext + tag, parts[0].encode("ascii"))
         except InvalidTag:
             raise DecryptionError(code="decryption_failed") from None
 
-    def _unwrap(self, kid: str, wrapped: bytes, iss: str, aud: str) -> AESGCM:
+    def _unwrap(self, kid: str, wrapped: bytes, iss: str, aud: str, allow_remote: bool) -> AESGCM:
         slot = (kid, wrapped, iss, aud)
         if self._cache is not None:
             aead = self._cache.get(slot)
+            if aead is None and not allow_remote and self._providers.is_remote(kid):
+                raise NeedsRemoteKms  # not counted: the retry off the loop counts its lookup
             if aead is not None:
                 self.cache_hits += 1
             else:
@@ -236,6 +245,8 @@ class EnvelopeOpener:
                 observe(aead is not None)
             if aead is not None:
                 return aead
+        elif not allow_remote and self._providers.is_remote(kid):
+            raise NeedsRemoteKms
         data_key = self._providers.decrypt(kid, wrapped, envelope_context(iss, aud))
         if len(data_key) != 32:
             raise DecryptionError(code="decryption_failed")

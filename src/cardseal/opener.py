@@ -15,6 +15,7 @@ from cardseal.envelope import (
     DEFAULT_CACHE_SIZE,
     DEFAULT_CACHE_TTL,
     EnvelopeOpener,
+    NeedsRemoteKms,
     decode_kms_direct,
     kms_direct_context,
     open_kms_direct,
@@ -50,8 +51,10 @@ class CardOpener:
     def envelope(self) -> EnvelopeOpener:
         return self._envelope
 
-    def open_plaintext(self, token: VerifiedToken) -> bytes:
-        """The card JSON inside ``token``'s ``meta_data``."""
+    def open_plaintext(self, token: VerifiedToken, *, allow_remote: bool = True) -> bytes:
+        """The card JSON inside ``token``'s ``meta_data``. With ``allow_remote=False``, raises
+        ``NeedsRemoteKms`` where it would call a remote KMS (the gateway keeps such calls off
+        its event loop)."""
         policy = token.issuer
         allowed = self._allowed.get(policy.iss)
         if allowed is None:
@@ -61,8 +64,11 @@ class CardOpener:
             if jti is None:
                 raise DecryptionError(code="meta_data_malformed")
             return self._envelope.open(
-                token.meta_data, allowed_keys=allowed, iss=policy.iss, aud=policy.audience, jti=jti
+                token.meta_data, allowed_keys=allowed, iss=policy.iss, aud=policy.audience,
+                jti=jti, allow_remote=allow_remote,
             )
+        if not allow_remote and any(self._providers.is_remote(key) for key in allowed):
+            raise NeedsRemoteKms
         context = None
         if not policy.legacy:
             jti = token.jti
@@ -74,10 +80,13 @@ class CardOpener:
             context=context,
         )
 
-    def open_card(self, token: VerifiedToken, *, now: datetime | None = None) -> Card:
+    def open_card(
+        self, token: VerifiedToken, *, now: datetime | None = None, allow_remote: bool = True
+    ) -> Card:
         """Decrypt and validate the card. Raises ``DecryptionError``, ``KeyProviderError`` or
-        ``CardError`` with the contract code."""
-        plaintext = self.open_plaintext(token)
+        ``CardError`` with the contract code (and ``NeedsRemoteKms``, see
+        ``open_plaintext``)."""
+        plaintext = self.open_plaintext(token, allow_remote=allow_remote)
         try:
             return Card.from_json(plaintext, now=now)
         except RequestError:

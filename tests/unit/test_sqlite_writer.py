@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Column, Engine, Integer, MetaData, Table, create_engine, event, select
@@ -176,3 +178,24 @@ def test_a_closed_writer_starts_again(engine: Engine) -> None:
 def test_max_batch_is_bounded(engine: Engine) -> None:
     with pytest.raises(ValueError):
         SqliteWriter(engine, max_batch=0)
+
+
+def test_an_error_of_the_driver_itself_is_storage_unavailable(engine: Engine) -> None:
+    writer = SqliteWriter(engine)
+
+    def raw(conn: Connection) -> None:  # as the store's lean statements run
+        driver: Any = conn.connection.driver_connection
+        driver.execute("INSERT INTO rows (n) VALUES (1)")
+        driver.execute("INSERT INTO rows (n) VALUES (1)")
+
+    async def scenario() -> object:
+        try:
+            return await writer.run(raw)
+        except StorageError as err:
+            return err
+        finally:
+            await writer.close()
+
+    error = asyncio.run(scenario())
+    assert isinstance(error, StorageError) and isinstance(error.__cause__, sqlite3.IntegrityError)
+    assert stored(engine) == []

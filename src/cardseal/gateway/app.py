@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Final
 
@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cardseal.config import (
     Settings,
@@ -77,6 +78,35 @@ def _route_of(path: str) -> str:
     if path in ("/v1/payments", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
         return path
     return "other"
+
+
+class _Observe:
+    """Counts every HTTP request and times it, by route and status (pure ASGI: Starlette's
+    ``BaseHTTPMiddleware`` costs a task group and two memory streams per request)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # unless a response starts
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, observed)
+        finally:
+            route = _route_of(scope["path"])
+            self._metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self._metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
 def create_app(
@@ -143,15 +173,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.providers = providers
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                      ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = _route_of(request.url.path)
-        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_Observe, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, _exc: RequestValidationError) -> Response:

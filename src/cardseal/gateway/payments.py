@@ -7,8 +7,11 @@ Order of work for one request (each step's failure is the contract code in brack
    response [idempotency_conflict];
 3. verify the token [token_*]; resolve amount and currency [amount_mismatch];
 4. reserve the token for one charge [token_replayed];
-5. in a worker thread: decrypt ``meta_data`` and validate the card [meta_data_*, decryption_failed,
-   kms_*, card_*], then charge it [processor_unavailable]; the card never leaves that thread;
+5. decrypt ``meta_data`` and validate the card [meta_data_*, decryption_failed, kms_*, card_*],
+   then charge it [processor_unavailable]; the card lives in that one call's frame. It runs in
+   a worker thread when it blocks (a remote KMS call, a processor over the network); on the
+   event loop when it cannot (data key cached or local, the sandbox processor): a thread
+   hop costs more than the decryption;
 6. record the payment and mark the token done in one transaction [storage_unavailable].
 Retryable failures (KMS, processor, storage) give the token back and forget the idempotency key,
 so the client's retry is charged under the same payment id (the processor's idempotency key).
@@ -43,6 +46,7 @@ from cardseal import jws
 from cardseal._currencies import CURRENCIES
 from cardseal._encoding import loads_strict
 from cardseal.card import CardView
+from cardseal.envelope import NeedsRemoteKms
 from cardseal.errors import CardsealError, ConfigError, ProcessorError, RequestError
 from cardseal.gateway.schemas import PaymentRequest
 from cardseal.opener import CardOpener
@@ -211,8 +215,16 @@ class PaymentService:
         except CardsealError as err:
             return error_outcome(err)
         try:
-            result, view = await run_in_threadpool(
-                self._charge, verified, payment_id, amount, currency, reference)
+            if self._processor.blocking:
+                result, view = await run_in_threadpool(
+                    self._charge, verified, payment_id, amount, currency, reference)
+            else:
+                try:
+                    result, view = self._charge(
+                        verified, payment_id, amount, currency, reference, allow_remote=False)
+                except NeedsRemoteKms:
+                    result, view = await run_in_threadpool(
+                        self._charge, verified, payment_id, amount, currency, reference)
         except CardsealError as err:
             await self._settle_failed(rid, err, expires_at)
             return error_outcome(err)
@@ -260,10 +272,10 @@ class PaymentService:
 
     def _charge(
         self, verified: VerifiedToken, payment_id: str, amount: int, currency: str,
-        reference: str | None,
+        reference: str | None, *, allow_remote: bool = True,
     ) -> tuple[ChargeResult, CardView]:
-        """Decrypt, validate, charge; runs in a worker thread. The card dies with this frame."""
-        card = self._opener.open_card(verified)
+        """Decrypt, validate, charge. The card dies with this frame."""
+        card = self._opener.open_card(verified, allow_remote=allow_remote)
         result = self._call_processor(ChargeRequest(
             payment_id=payment_id, amount=amount, currency=currency, reference=reference,
             card=card))
@@ -274,17 +286,21 @@ class PaymentService:
 
         Any failure of the call is ``processor_unavailable``: the outcome is unknown, and the
         retry charges under the same payment id (the processor's idempotency key). A call that
-        never started is cancelled; one still running may finish, under that same id.
+        never started is cancelled; one still running may finish, under that same id. A
+        non-blocking processor is called directly (it cannot hang).
         """
-        future = self._processor_pool.submit(self._processor.charge, request)
         try:
-            return future.result(timeout=self._processor_timeout)
+            if not self._processor.blocking:
+                return self._processor.charge(request)
+            future = self._processor_pool.submit(self._processor.charge, request)
+            try:
+                return future.result(timeout=self._processor_timeout)
+            except TimeoutError:
+                future.cancel()
+                _log.warning("processor_timeout", timeout=self._processor_timeout)
+                raise ProcessorError() from None
         except CardsealError:
             raise
-        except TimeoutError:
-            future.cancel()
-            _log.warning("processor_timeout", timeout=self._processor_timeout)
-            raise ProcessorError() from None
         except Exception as err:
             # The type only: a processor's message may quote what it was given.
             _log.warning("processor_failed", error=type(err).__name__)

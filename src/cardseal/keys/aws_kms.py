@@ -144,6 +144,7 @@ class AwsKmsKeyProvider(KeyProvider):
     """Symmetric AWS KMS keys (``SYMMETRIC_DEFAULT``) named by ``aws-kms://`` URIs."""
 
     scheme: ClassVar[str] = SCHEME
+    remote: ClassVar[bool] = True
 
     def __init__(self, *, kms_client: KMSClient) -> None:
         self._kms = kms_client

@@ -41,6 +41,9 @@ class KeyProvider(ABC):
     """A KMS. Subclasses set ``scheme`` (the URI scheme they serve, e.g. ``"local"``)."""
 
     scheme: ClassVar[str]
+    remote: ClassVar[bool] = False
+    """Whether a call leaves the process (a network KMS): the gateway then makes it off its
+    event loop. A provider holding its keys in memory keeps False."""
 
     def canonical_uri(self, key_uri: str) -> str:
         """The one name of the key behind ``key_uri`` (AWS resolves aliases and ids to ARNs).
@@ -111,6 +114,10 @@ class KeyProviders:
             self.calls[operation] += 1
         for observe in self.observers:
             observe(operation)
+
+    def is_remote(self, key_uri: str) -> bool:
+        """Whether a call for ``key_uri`` leaves the process (see ``KeyProvider.remote``)."""
+        return self.provider_for(key_uri).remote
 
     def canonical_uri(self, key_uri: str) -> str:
         return self.provider_for(key_uri).canonical_uri(key_uri)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from cardseal.card import Card
 
@@ -32,7 +32,15 @@ class ChargeResult:
 
 class PaymentProcessor(ABC):
     """Charges cards. Raise ``ProcessorError`` (processor_unavailable) when the outcome is
-    unknown or the processor cannot be reached; return a declined result for a refusal."""
+    unknown or the processor cannot be reached; return a declined result for a refusal.
+
+    ``charge`` of a ``blocking`` processor (the default: a real one calls its API over the
+    network) runs in a thread of its own, bounded by the gateway's ``processor.timeout``. A
+    processor that answers from memory at once (the sandbox) sets ``blocking = False`` and is
+    called directly, without the thread hop.
+    """
+
+    blocking: ClassVar[bool] = True
 
     @abstractmethod
     def charge(self, request: ChargeRequest) -> ChargeResult: ...

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,7 +142,8 @@ class SqliteWriter:
                 culprit = None
             return conn
         except Exception as err:  # every failure fails the whole batch, closed
-            database = isinstance(err, SQLAlchemyError | OSError | TimeoutError)
+            # sqlite3's own errors too: the payment path runs on the driver connection.
+            database = isinstance(err, SQLAlchemyError | sqlite3.Error | OSError | TimeoutError)
             # The type only: a database error's text may quote the statement's parameters.
             _log.warning("sqlite_batch_failed", error=type(err).__name__, operations=len(batch))
             for job in batch:

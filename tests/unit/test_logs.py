@@ -1,0 +1,48 @@
+"""The gateway's log lines: JSON from structlog's own path and from the standard library's,
+redacted alike."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from cardseal.gateway.logs import configure_logging
+
+PAN = "4111111111111111"
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    out = io.StringIO()
+    configure_logging(stream=out)
+    yield out
+    structlog.reset_defaults()
+    logging.getLogger().handlers = []
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_structlog_events_are_redacted_json_lines(stream: io.StringIO) -> None:
+    log = structlog.get_logger("cardseal.gateway")
+    log.info("payment", outcome="authorized", status=201, note=f"card {PAN} used",
+             cvv="123", token="eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0.c2ln")
+    log.debug("not at INFO")
+    (line,) = lines(stream)
+    assert line["event"] == "payment" and line["level"] == "info" and line["status"] == 201
+    assert line["note"] == "card 411111******1111 used"
+    assert line["cvv"] == line["token"] == "[redacted]"
+    assert "timestamp" in line
+    assert PAN not in stream.getvalue()
+
+
+def test_standard_library_records_take_the_same_chain(stream: io.StringIO) -> None:
+    logging.getLogger("uvicorn.error").warning("client sent %s", PAN)
+    (line,) = lines(stream)
+    assert line["event"] == "client sent 411111******1111" and line["level"] == "warning"
