@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -61,6 +62,13 @@ class TroubledProcessor(PaymentProcessor):
         return result
 
 
+class InlineTroubledProcessor(TroubledProcessor):
+    """The same faults from a processor that says it never blocks: called on the event loop,
+    without the timeout's thread, and its failures still become processor_unavailable."""
+
+    blocking: ClassVar[bool] = False
+
+
 def processor_home(home: Home) -> Home:
     return home.with_settings(processor={"timeout": TIMEOUT})
 
@@ -70,7 +78,10 @@ def processor_home(home: Home) -> Home:
     lambda: TroubledProcessor("raise", error=ProcessorError()),
     lambda: TroubledProcessor("raise", error=ConnectionResetError("peer reset")),
     lambda: TroubledProcessor("raise", error=RuntimeError("adapter bug")),
-], ids=["slow-past-timeout", "processor-error", "connection-reset", "unexpected-exception"])
+    lambda: InlineTroubledProcessor("raise", error=ProcessorError()),
+    lambda: InlineTroubledProcessor("raise", error=RuntimeError("adapter bug")),
+], ids=["slow-past-timeout", "processor-error", "connection-reset", "unexpected-exception",
+        "inline-processor-error", "inline-unexpected-exception"])
 def test_processor_fault_is_processor_unavailable_and_charges_once(
         home: Home, make: Callable[[], TroubledProcessor]) -> None:
     home = processor_home(home)

@@ -8,6 +8,7 @@ import secrets
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -15,6 +16,7 @@ from cardseal import jws
 from cardseal.card import Card
 from cardseal.envelope import (
     EnvelopeSealer,
+    NeedsRemoteKms,
     decode_kms_direct,
     envelope_context,
     kms_direct_context,
@@ -23,6 +25,7 @@ from cardseal.envelope import (
 )
 from cardseal.errors import CardError, DecryptionError
 from cardseal.keys.base import KeyProviders
+from cardseal.keys.local import LocalKeyProvider
 from cardseal.opener import CardOpener
 from cardseal.testing import AUDIENCE, ISSUER, SAMPLE_PANS, LocalSetup, sample_card_json
 from cardseal.tokens import IssuerPolicy, TokenVerifier, VerifiedToken
@@ -270,3 +273,35 @@ def test_kms_direct_malformed(meta_data: str) -> None:
     with pytest.raises(DecryptionError) as excinfo:
         decode_kms_direct(meta_data)
     assert excinfo.value.code == "meta_data_malformed"
+
+
+class _RemoteLocal(LocalKeyProvider):
+    """The local keyring, posing as a network KMS."""
+
+    remote: ClassVar[bool] = True
+
+
+@pytest.mark.parametrize("format", ["envelope", "kms-direct"])
+def test_without_remote_calls_a_remote_kms_is_left_to_the_caller(
+    tmp_path: Path, format: str
+) -> None:
+    setup = LocalSetup.create(tmp_path, format=format)
+    remote = KeyProviders(_RemoteLocal.from_file(tmp_path / "keyring.json"))
+    opener = CardOpener(providers=remote, issuers=[setup.policy])
+    verified = setup.verifier.verify(setup.sealer.seal(CARD))
+    with pytest.raises(NeedsRemoteKms):
+        opener.open_card(verified, allow_remote=False)
+    assert remote.calls["decrypt"] == 0
+    assert opener.open_card(verified).to_json() == PLAINTEXT  # off the loop: one KMS call
+    again = setup.verifier.verify(setup.sealer.seal(CARD))  # same data key (envelope)
+    if format == "envelope":
+        assert opener.open_card(again, allow_remote=False).to_json() == PLAINTEXT
+        assert remote.calls["decrypt"] == 1
+    else:  # one KMS Decrypt per kms-direct token: never inline
+        with pytest.raises(NeedsRemoteKms):
+            opener.open_card(again, allow_remote=False)
+
+
+def test_a_local_kms_is_never_left_to_the_caller(setup: LocalSetup) -> None:
+    verified = setup.verifier.verify(setup.sealer.seal(CARD))
+    assert setup.opener.open_card(verified, allow_remote=False).to_json() == PLAINTEXT
