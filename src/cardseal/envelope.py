@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import Final, Generic, TypeVar
@@ -185,6 +186,10 @@ class EnvelopeOpener:
         self.cache_hits = 0
         self.cache_misses = 0
         self.observers: list[Callable[[bool], None]] = []  # called with hit=True/False
+        # Single flight: the requests that miss the same data key at once wait for the one
+        # Decrypt the first of them makes, and share its outcome (key or error).
+        self._flights: dict[tuple[str, bytes, str, str], Future[AESGCM]] = {}
+        self._flights_lock = threading.Lock()
 
     def open(
         self, meta_data: str, *, allowed_keys: Sequence[str], iss: str, aud: str, jti: str,
@@ -247,13 +252,29 @@ class EnvelopeOpener:
                 return aead
         elif not allow_remote and self._providers.is_remote(kid):
             raise NeedsRemoteKms
-        data_key = self._providers.decrypt(kid, wrapped, envelope_context(iss, aud))
-        if len(data_key) != 32:
-            raise DecryptionError(code="decryption_failed")
-        aead = AESGCM(data_key)
-        if self._cache is not None:
-            self._cache.put(slot, aead)
-        return aead
+        with self._flights_lock:
+            flight = self._flights.get(slot)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[slot] = Future()
+        if not leader:
+            return flight.result()  # bounded: the leader's KMS call has its timeouts
+        try:
+            data_key = self._providers.decrypt(kid, wrapped, envelope_context(iss, aud))
+            if len(data_key) != 32:
+                raise DecryptionError(code="decryption_failed")
+            aead = AESGCM(data_key)
+            if self._cache is not None:
+                self._cache.put(slot, aead)
+        except BaseException as err:
+            flight.set_exception(err)
+            raise
+        else:
+            flight.set_result(aead)
+            return aead
+        finally:
+            with self._flights_lock:
+                del self._flights[slot]
 
 
 class _TtlCache(Generic[_K, _V]):

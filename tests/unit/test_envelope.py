@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from cardseal.envelope import (
     EnvelopeSealer,
     envelope_context,
 )
-from cardseal.errors import ConfigError, DecryptionError
+from cardseal.errors import ConfigError, DecryptionError, KeyProviderError
 from cardseal.keys.base import KeyProviders
 from cardseal.keys.local import LocalKeyProvider, create_keyring
 
@@ -280,3 +283,45 @@ def test_all_decrypt_failures_share_one_message(meta_data: str, opener: Envelope
         opener.open(meta_data, allowed_keys=(MAIN,), iss=ISS, aud=AUD, jti="other-jti-12345678")
     messages.add(excinfo.value.message)
     assert len(messages) == 1
+
+
+class SlowKeyring(LocalKeyProvider):
+    """The local keyring with a KMS's round trip (and, on demand, its outage)."""
+
+    delay = 0.2
+    down = False
+
+    def decrypt(self, key_uri: str, ciphertext: bytes,
+                context: Mapping[str, str] | None) -> bytes:
+        time.sleep(self.delay)
+        if self.down:
+            raise KeyProviderError()
+        return super().decrypt(key_uri, ciphertext, context)
+
+
+@pytest.mark.parametrize("down", [False, True])
+def test_concurrent_misses_of_one_data_key_make_one_decrypt(tmp_path: Path, down: bool) -> None:
+    create_keyring(tmp_path / "keyring.json", ["main"])
+    keyring = SlowKeyring.from_file(tmp_path / "keyring.json")
+    assert isinstance(keyring, SlowKeyring)
+    providers = KeyProviders(keyring)
+    meta_data = EnvelopeSealer(providers=providers, key_uri=MAIN).seal(
+        CARD, iss=ISS, aud=AUD, jti=JTI)
+    opener = EnvelopeOpener(providers=providers)
+    keyring.down = down
+    start = threading.Barrier(8)
+
+    def open_one() -> bytes | str:
+        start.wait()
+        try:
+            return opener.open(meta_data, allowed_keys=(MAIN,), iss=ISS, aud=AUD, jti=JTI)
+        except KeyProviderError as err:
+            return err.code
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: open_one(), range(8)))
+    assert results == (["kms_unavailable"] * 8 if down else [CARD] * 8)  # the leader's outcome
+    assert providers.calls["decrypt"] == 1  # one KMS call for eight requests
+    keyring.down = False  # a failure is not cached: the next request tries again
+    assert opener.open(meta_data, allowed_keys=(MAIN,), iss=ISS, aud=AUD, jti=JTI) == CARD
+    assert providers.calls["decrypt"] == (2 if down else 1)
