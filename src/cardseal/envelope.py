@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,9 @@ _MAX_CIPHERTEXT_BYTES: Final = 2048
 _IV_BYTES: Final = 12
 _TAG_BYTES: Final = 16
 _HEADER_MEMBERS: Final = frozenset({"alg", "enc", "kid", "jti"})
+_PROTECTED_HEAD: Final = b'{"alg":"kms","enc":"A256GCM","jti":'
+_MAX_WRAPPED_TEXTS: Final = 1024
+_PLAIN_JSON_TEXT: Final = re.compile(rb'[^"\\\x00-\x1f]*')  # a JSON string's inside, no escapes
 
 # Data-key reuse on the sealing side. Defaults: 1,000 tokens or 5 minutes, whichever first:
 # KMS cost falls to 1/1,000 per token while one data key never protects more than 1,000 cards
@@ -190,6 +194,9 @@ class EnvelopeOpener:
         # Decrypt the first of them makes, and share its outcome (key or error).
         self._flights: dict[tuple[str, bytes, str, str], Future[AESGCM]] = {}
         self._flights_lock = threading.Lock()
+        # Wrapped data keys by their base64url text: tokens of one data key share it, and
+        # the canonical decoding makes the text a faithful key. Cleared when full.
+        self._wrapped: dict[str, bytes] = {}
 
     def open(
         self, meta_data: str, *, allowed_keys: Sequence[str], iss: str, aud: str, jti: str,
@@ -208,10 +215,14 @@ class EnvelopeOpener:
         if len(parts) != 5:
             raise DecryptionError(code="meta_data_malformed")
         try:
-            header = loads_strict(
-                b64url_decode(parts[0]), max_bytes=_MAX_PROTECTED_BYTES, max_depth=1
-            )
-            wrapped, iv, ciphertext, tag = (b64url_decode(p) for p in parts[1:])
+            protected = b64url_decode(parts[0])
+            header = _canonical_header(protected, jti)
+            if header is None:  # not in our own serialization: the strict parser decides
+                header = loads_strict(protected, max_bytes=_MAX_PROTECTED_BYTES, max_depth=1)
+            wrapped = self._wrapped.get(parts[1])
+            if wrapped is None:
+                wrapped = b64url_decode(parts[1])
+            iv, ciphertext, tag = (b64url_decode(p) for p in parts[2:])
         except ValueError:
             raise DecryptionError(code="meta_data_malformed") from None
         if (
@@ -231,6 +242,9 @@ class EnvelopeOpener:
         if header["jti"] != jti:  # moved from another token
             raise DecryptionError(code="decryption_failed")
         aead = self._unwrap(kid, wrapped, iss, aud, allow_remote)
+        if len(self._wrapped) >= _MAX_WRAPPED_TEXTS:
+            self._wrapped.clear()
+        self._wrapped[parts[1]] = wrapped  # decoded and checked: the next token skips that
         try:
             return aead.decrypt(iv, ciphertext + tag, parts[0].encode("ascii"))
         except InvalidTag:
@@ -312,6 +326,28 @@ class _TtlCache(Generic[_K, _V]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _canonical_header(protected: bytes, jti: str) -> dict[str, str] | None:
+    """The protected header if it is byte for byte what ``EnvelopeSealer`` writes for this
+    ``jti`` (``dumps_compact``: sorted keys, no spaces) with a plain ``kid``; else None.
+
+    Such bytes are valid JSON with exactly these members, so ``loads_strict`` would return the
+    same mapping; this only spares the parse. A ``kid`` holding a quote, a backslash or a
+    control character, another ``jti`` or any other layout goes to the strict parser.
+    """
+    if len(protected) > _MAX_PROTECTED_BYTES or not protected.endswith(b'"}'):
+        return None
+    head = _PROTECTED_HEAD + encode_basestring(jti).encode() + b',"kid":"'
+    if not protected.startswith(head):
+        return None
+    kid = protected[len(head):-2]
+    if _PLAIN_JSON_TEXT.fullmatch(kid) is None:
+        return None
+    try:
+        return {"alg": "kms", "enc": "A256GCM", "jti": jti, "kid": kid.decode("utf-8")}
+    except UnicodeDecodeError:
+        return None
 
 
 def _allowed(providers: KeyProviders, kid: str, allowed_keys: Sequence[str]) -> str:

@@ -10,14 +10,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from cardseal._encoding import b64url_decode, b64url_encode
+from cardseal._encoding import b64url_decode, b64url_encode, dumps_compact, loads_strict
 from cardseal.envelope import (
     MAX_REUSE_AGE,
     MAX_REUSE_USES,
     DataKeyReuse,
     EnvelopeOpener,
     EnvelopeSealer,
+    _canonical_header,
     envelope_context,
 )
 from cardseal.errors import ConfigError, DecryptionError, KeyProviderError
@@ -325,3 +328,31 @@ def test_concurrent_misses_of_one_data_key_make_one_decrypt(tmp_path: Path, down
     keyring.down = False  # a failure is not cached: the next request tries again
     assert opener.open(meta_data, allowed_keys=(MAIN,), iss=ISS, aud=AUD, jti=JTI) == CARD
     assert providers.calls["decrypt"] == (2 if down else 1)
+
+
+@given(kid=st.text(max_size=60), jti=st.text(max_size=40), other=st.text(max_size=40))
+def test_the_canonical_header_shortcut_agrees_with_the_strict_parser(
+    kid: str, jti: str, other: str
+) -> None:
+    try:
+        protected = dumps_compact({"alg": "kms", "enc": "A256GCM", "kid": kid, "jti": jti})
+        strict = loads_strict(protected, max_bytes=1024, max_depth=1)
+    except (ValueError, UnicodeEncodeError):  # lone surrogates: not a header anyone can send
+        return
+    fast = _canonical_header(protected, jti)
+    assert fast is None or fast == strict
+    if all(c not in kid for c in '"\\') and all(ord(c) >= 0x20 for c in kid) and len(
+            protected) <= 1024:
+        assert fast == strict  # the sealer's own headers take the shortcut
+    if other != jti:
+        assert _canonical_header(protected, other) is None  # another token's header: parsed
+
+
+@given(protected=st.binary(max_size=120), jti=st.text(max_size=20))
+def test_the_canonical_header_shortcut_never_accepts_what_the_parser_refuses(
+    protected: bytes, jti: str
+) -> None:
+    fast = _canonical_header(b'{"alg":"kms","enc":"A256GCM","jti":"' + protected, jti)
+    if fast is not None:
+        raw = b'{"alg":"kms","enc":"A256GCM","jti":"' + protected
+        assert loads_strict(raw, max_bytes=1024, max_depth=1) == fast
