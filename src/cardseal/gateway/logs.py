@@ -34,7 +34,7 @@ def _mask_run(match: re.Match[str]) -> str:
 
 def redact_text(text: str) -> str:
     """``text`` with PAN-like digit runs masked and JOSE objects replaced."""
-    if any(c.isdigit() for c in text):
+    if len(text) >= 13:  # the shortest PAN; the regex scan is C, a Python loop would not be
         text = _DIGIT_RUN.sub(_mask_run, text)
     if "eyJ" in text:
         text = _JOSE.sub("[redacted-jose]", text)
