@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -149,6 +150,10 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if check_migrations:
             check_schema(database_url(settings))
+        # What start-up built lives as long as the worker: out of the collector's sight, a
+        # full collection no longer walks it (pauses that showed as p99 spikes under load).
+        gc.collect()
+        gc.freeze()
         _log.info("gateway_started", issuers=[p.iss for p in policies])
         purger = asyncio.get_running_loop().create_task(purge_expired())
         try:
@@ -160,6 +165,7 @@ def create_app(
             await service.close()
             await replay.close()
             await store.close()
+            gc.unfreeze()
 
     app = FastAPI(
         title="cardseal gateway",
