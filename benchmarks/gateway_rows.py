@@ -343,7 +343,7 @@ def _run_level(plan: GatewayPlan, loadgen: LoadGen, running: list[_Running], hom
     watch = [moto.proc.pid]
 
     def needed(rate: float, seconds: float) -> int:
-        return int(max(rate, 20.0) * seconds * 1.6) + 4 * concurrency
+        return int(max(rate, 20.0) * seconds * 2.0) + 4 * concurrency
 
     cells = [Cell(item.name, item.server.workers, concurrency) for item in running]
     estimates: list[float] = []

@@ -88,6 +88,7 @@ class _Observe:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self._app = app
         self._metrics = metrics
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # labelled, once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,8 +107,15 @@ class _Observe:
             await self._app(scope, receive, observed)
         finally:
             route = _route_of(scope["path"])
-            self._metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self._metrics.latency.labels(route).observe(time.perf_counter() - start)
+            labels = (route, scope["method"], status)
+            children = self._children.get(labels)
+            if children is None:  # bounded: few routes, methods and statuses
+                children = (self._metrics.requests.labels(route, scope["method"], str(status)),
+                            self._metrics.latency.labels(route))
+                if len(self._children) < 1024:
+                    self._children[labels] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)
 
 
 def create_app(

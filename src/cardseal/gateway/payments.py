@@ -161,8 +161,7 @@ class PaymentService:
         try:
             # The token's JSON rules for the body too: pydantic keeps the last of duplicate
             # members, so a proxy keeping the first would see another amount than is charged.
-            loads_strict(body, max_bytes=len(body))
-            request = PaymentRequest.model_validate_json(body)
+            request = PaymentRequest.model_validate(loads_strict(body, max_bytes=len(body)))
         except ValidationError:
             return error_outcome(RequestError("The request body does not match the schema."))
         except ValueError:

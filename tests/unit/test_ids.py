@@ -1,0 +1,37 @@
+"""Payment ids: 96 random bits each, from a pool of os.urandom output that no two ids (nor
+two processes) share."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from cardseal.storage.sql import _RandomPool, new_payment_id
+
+
+def test_payment_ids_are_distinct_96_bit_hex() -> None:
+    ids = [new_payment_id() for _ in range(5000)]  # more than one 4 KiB draw
+    assert all(re.fullmatch(r"pay_[0-9a-f]{24}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_the_pool_hands_out_each_byte_once() -> None:
+    pool = _RandomPool()
+    taken = [pool.take(12) for _ in range(1000)]
+    assert len(set(taken)) == 1000 and all(len(t) == 12 for t in taken)
+    assert len(pool.take(5000)) == 5000  # larger than a chunk
+
+
+def test_a_forked_child_draws_afresh() -> None:
+    pool = _RandomPool()
+    pool.take(12)  # the parent now holds buffered bytes
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.write(write, pool.take(12))
+        os._exit(0)
+    os.close(write)
+    from_child = os.read(read, 12)
+    os.close(read)
+    os.waitpid(child, 0)
+    assert from_child != pool.take(12)  # the parent's next bytes are not the child's
