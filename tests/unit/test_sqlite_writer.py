@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -199,3 +201,42 @@ def test_an_error_of_the_driver_itself_is_storage_unavailable(engine: Engine) ->
     error = asyncio.run(scenario())
     assert isinstance(error, StorageError) and isinstance(error.__cause__, sqlite3.IntegrityError)
     assert stored(engine) == []
+
+
+def test_writers_sharing_a_file_take_turns_on_the_file_lock(
+    engine: Engine, tmp_path: Path
+) -> None:
+    lock = str(tmp_path / "w.db-writer.lock")
+    first, second = SqliteWriter(engine, lock_path=lock), SqliteWriter(engine, lock_path=lock)
+
+    async def scenario() -> None:
+        await asyncio.gather(*(writer.run(insert(n)) for n in range(300)
+                               for writer in ((first,) if n % 2 else (second,))))
+        await first.close()
+        await second.close()
+
+    asyncio.run(scenario())
+    assert stored(engine) == list(range(300))  # every write landed, none waited out a timeout
+    assert Path(lock).exists()
+
+
+def test_a_writer_waits_for_its_turn(engine: Engine, tmp_path: Path) -> None:
+    lock = str(tmp_path / "w.db-writer.lock")
+    writer = SqliteWriter(engine, lock_path=lock)
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process's writer, mid-transaction
+
+    async def scenario() -> tuple[bool, int]:
+        pending = asyncio.ensure_future(writer.run(insert(1)))
+        await asyncio.sleep(0.2)
+        waited = not pending.done() and stored(engine) == []
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        result = await pending
+        await writer.close()
+        return waited, result
+
+    try:
+        assert asyncio.run(scenario()) == (True, 1)
+    finally:
+        os.close(holder)
+    assert stored(engine) == [1]

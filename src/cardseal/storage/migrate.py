@@ -29,10 +29,12 @@ def sync_url(url: str) -> str:
 
 
 def async_url(url: str) -> str:
-    """The URL for an asyncio driver: aiosqlite or psycopg 3."""
+    """The URL for psycopg 3's asyncio driver. PostgreSQL only: SQLite needs none, the
+    gateway's SQLite writes run in a thread of their own (``storage.sqlite_writer``)."""
     parsed = make_url(sync_url(url))
-    driver = "sqlite+aiosqlite" if parsed.get_backend_name() == "sqlite" else "postgresql+psycopg"
-    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigError("An asyncio driver is used for PostgreSQL only.")
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
 def _alembic_config() -> Config:

@@ -212,7 +212,11 @@ class SqlStore:
             writes = create_engine(sync_url(url), poolclass=NullPool)
             event.listen(writes, "connect", _sqlite_pragmas)
             event.listen(writes, "begin", _sqlite_begin)
-            self._writer = SqliteWriter(writes)
+            database = make_url(sync_url(url)).database
+            file_backed = database not in (None, "", ":memory:") and not database.startswith(
+                "file::memory:")
+            self._writer = SqliteWriter(
+                writes, lock_path=f"{database}-writer.lock" if file_backed else None)
             # Reads (each one statement, autocommit) on their own pool, beside the
             # writer: in WAL mode they neither wait for nor block it.
             self._reader = create_engine(sync_url(url))
