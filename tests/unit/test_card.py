@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cardseal._encoding import dumps_compact
 from cardseal.card import Card, CardView, luhn_valid
@@ -311,3 +315,23 @@ def test_to_json_is_the_compact_sorted_json_of_the_card(name: str | None) -> Non
         value["cardholder_name"] = name
     assert card.to_json() == dumps_compact(value)
     assert Card.from_json(card.to_json()).to_json() == card.to_json()
+
+
+def _outcome(make: Callable[[], Card]) -> str:
+    try:
+        return make().to_json().decode()
+    except (CardError, RequestError) as err:
+        return err.code
+
+
+@given(number=st.text("0123456789", min_size=10, max_size=21),
+       cvv=st.text("0123456789", min_size=2, max_size=5),
+       month=st.integers(0, 99), year=st.integers(0, 9999))
+def test_the_canonical_card_shortcut_agrees_with_the_parser(
+    number: str, cvv: str, month: int, year: int
+) -> None:
+    data = (f'{{"card_number":"{number}","cvv":"{cvv}",'
+            f'"expiry_date":"{month:02d}/{year:04d}"}}').encode()
+    now = datetime(2026, 11, 29, tzinfo=UTC)
+    assert _outcome(lambda: Card.from_json(data, now=now)) == _outcome(
+        lambda: Card.parse(json.loads(data), now=now))
