@@ -226,8 +226,8 @@ class SqlStore:
         if engine is None and not sqlite:
             # No pre-ping (a round trip per checkout, two per payment): the first query on a
             # dead connection fails (storage_unavailable, retryable) and SQLAlchemy then
-            # recycles the whole pool, so a failover costs one 503 per worker, not ~20% of
-            # every payment's time.
+            # recycles the whole pool, so a failover costs the requests in flight at that
+            # moment, not ~20% of every payment's time.
             engine = create_async_engine(
                 async_url(url), pool_size=pool_size, max_overflow=pool_size,
                 pool_timeout=5.0, connect_args={"connect_timeout": 5})
