@@ -129,7 +129,7 @@ class EnvelopeSealer:
         self._clock = clock
         self._live: dict[tuple[tuple[str, str], ...], _LiveDataKey] = {}
         self._lock = threading.Lock()
-        self._header_head = '{"alg":"kms","enc":"A256GCM","jti":'
+        self._header_head = _PROTECTED_HEAD.decode()
         self._header_tail = ',"kid":' + encode_basestring(key_uri) + "}"
 
     def _data_key(self, context: Mapping[str, str]) -> _LiveDataKey:
