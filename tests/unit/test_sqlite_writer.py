@@ -45,6 +45,19 @@ def insert(n: int) -> Callable[[Connection], int]:
     return work
 
 
+def run_alone(writer: SqliteWriter, work: Callable[[Connection], object]) -> object:
+    """``work``'s result, or the exception it ended with; the writer closed after."""
+    async def scenario() -> object:
+        try:
+            return await writer.run(work)
+        except Exception as err:  # the outcome under test
+            return err
+        finally:
+            await writer.close()
+
+    return asyncio.run(scenario())
+
+
 async def queued(writer: SqliteWriter, count: int) -> None:
     """Wait until ``count`` operations wait in the writer's queue."""
     for _ in range(1000):
@@ -152,15 +165,7 @@ def test_a_bug_in_an_operation_is_its_own_error_and_fails_the_batch(engine: Engi
         conn.execute(rows.insert().values(n=7))
         raise ValueError("bug")
 
-    async def scenario() -> object:
-        try:
-            return await writer.run(broken)
-        except ValueError as err:
-            return err
-        finally:
-            await writer.close()
-
-    assert isinstance(asyncio.run(scenario()), ValueError)
+    assert isinstance(run_alone(writer, broken), ValueError)
     assert stored(engine) == []  # its write was rolled back
 
 
@@ -190,15 +195,7 @@ def test_an_error_of_the_driver_itself_is_storage_unavailable(engine: Engine) ->
         driver.execute("INSERT INTO rows (n) VALUES (1)")
         driver.execute("INSERT INTO rows (n) VALUES (1)")
 
-    async def scenario() -> object:
-        try:
-            return await writer.run(raw)
-        except StorageError as err:
-            return err
-        finally:
-            await writer.close()
-
-    error = asyncio.run(scenario())
+    error = run_alone(writer, raw)
     assert isinstance(error, StorageError) and isinstance(error.__cause__, sqlite3.IntegrityError)
     assert stored(engine) == []
 
