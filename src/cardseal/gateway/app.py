@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Final
 
@@ -21,6 +21,7 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -118,6 +119,54 @@ class _Observe:
             children[1].observe(time.perf_counter() - start)
 
 
+async def _read_body(
+    chunks: AsyncIterator[bytes], declared: str | None, max_body: int
+) -> bytes | None:
+    """The request body, or None when it is larger than ``max_body`` (as declared by
+    ``Content-Length`` or as it streams in: reading stops at the limit)."""
+    if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+        return None
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > max_body:
+            return None
+    return bytes(body)
+
+
+async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect: what came is all there is
+            return
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+class _PaymentsEndpoint:
+    """``POST /v1/payments`` as a plain ASGI handler in front of FastAPI's router.
+
+    FastAPI's routing, dependency solving and response machinery cost ~60-100 us a request
+    (measured in-process: 293 -> 193 us of event-loop CPU per payment), a fifth of what a
+    payment costs the event loop. The operation is still declared on the FastAPI app, which
+    documents it (``/openapi.json``) and would serve it the same way (``take``) without this.
+    """
+
+    def __init__(self, app: ASGIApp, *,
+                 take: Callable[[Headers, AsyncIterator[bytes]], Awaitable[Outcome]]) -> None:
+        self._app = app
+        self._take = take
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/payments" or (
+                scope["method"] != "POST"):
+            await self._app(scope, receive, send)
+            return
+        outcome = await self._take(Headers(scope=scope), _body_chunks(receive))
+        await _send(outcome)(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -187,7 +236,16 @@ def create_app(
     app.state.metrics = metrics
     app.state.providers = providers
 
-    app.add_middleware(_Observe, metrics=metrics)
+    async def take_payment(headers: Headers, chunks: AsyncIterator[bytes]) -> Outcome:
+        body = await _read_body(chunks, headers.get("content-length"), max_body)
+        outcome = (error_outcome(RequestError(code="request_too_large")) if body is None
+                   else await service.create(body, headers.get("idempotency-key")))
+        metrics.outcomes.labels(outcome.code).inc()
+        _log.info("payment", outcome=outcome.code, status=outcome.status)
+        return outcome
+
+    app.add_middleware(_PaymentsEndpoint, take=take_payment)
+    app.add_middleware(_Observe, metrics=metrics)  # added last: outermost, counts everything
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, _exc: RequestValidationError) -> Response:
@@ -225,23 +283,9 @@ def create_app(
     )
     async def create_payment(request: Request) -> Response:
         """Charge the card sealed in ``token``. See the contract for every error code."""
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_body):
-            outcome = error_outcome(RequestError(code="request_too_large"))
-        else:
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body:
-                    break
-            if len(body) > max_body:
-                outcome = error_outcome(RequestError(code="request_too_large"))
-            else:
-                outcome = await service.create(
-                    bytes(body), request.headers.get("idempotency-key"))
-        metrics.outcomes.labels(outcome.code).inc()
-        _log.info("payment", outcome=outcome.code, status=outcome.status)
-        return _send(outcome)
+        # Served by ``_PaymentsEndpoint`` in front of the router; this route documents the
+        # operation and serves it the same way wherever that middleware is not in front.
+        return _send(await take_payment(request.headers, request.stream()))
 
     @app.get("/v1/payments/{payment_id}", response_model=PaymentOut,
              responses={401: _ERRORS[401], 404: _ERRORS[404], 503: _ERRORS[503]})
