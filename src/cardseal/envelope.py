@@ -252,20 +252,19 @@ class EnvelopeOpener:
 
     def _unwrap(self, kid: str, wrapped: bytes, iss: str, aud: str, allow_remote: bool) -> AESGCM:
         slot = (kid, wrapped, iss, aud)
+        aead = self._cache.get(slot) if self._cache is not None else None
+        if aead is None and not allow_remote and self._providers.is_remote(kid):
+            raise NeedsRemoteKms  # not counted: the retry off the loop counts its lookup
         if self._cache is not None:
-            aead = self._cache.get(slot)
-            if aead is None and not allow_remote and self._providers.is_remote(kid):
-                raise NeedsRemoteKms  # not counted: the retry off the loop counts its lookup
-            if aead is not None:
+            hit = aead is not None
+            if hit:
                 self.cache_hits += 1
             else:
                 self.cache_misses += 1
             for observe in self.observers:
-                observe(aead is not None)
+                observe(hit)
             if aead is not None:
                 return aead
-        elif not allow_remote and self._providers.is_remote(kid):
-            raise NeedsRemoteKms
         with self._flights_lock:
             flight = self._flights.get(slot)
             leader = flight is None

@@ -205,24 +205,27 @@ class SqlStore:
     """
 
     def __init__(self, *, url: str, pool_size: int = 10, engine: AsyncEngine | None = None) -> None:
-        sqlite = make_url(sync_url(url)).get_backend_name() == "sqlite"
+        blocking_url = sync_url(url)
+        parsed = make_url(blocking_url)
+        sqlite = parsed.get_backend_name() == "sqlite"
         self._writer: SqliteWriter | None = None
         self._reader: Engine | None = None
         if sqlite:
-            writes = create_engine(sync_url(url), poolclass=NullPool)
+            writes = create_engine(blocking_url, poolclass=NullPool)
             event.listen(writes, "connect", _sqlite_pragmas)
             event.listen(writes, "begin", _sqlite_begin)
-            database = make_url(sync_url(url)).database
-            file_backed = database not in (None, "", ":memory:") and not database.startswith(
+            database = parsed.database or ""
+            file_backed = database not in ("", ":memory:") and not database.startswith(
                 "file::memory:")
             self._writer = SqliteWriter(
                 writes, lock_path=f"{database}-writer.lock" if file_backed else None)
             # Reads (each one statement, autocommit) on their own pool, beside the
             # writer: in WAL mode they neither wait for nor block it.
-            self._reader = create_engine(sync_url(url))
+            self._reader = create_engine(blocking_url)
             event.listen(self._reader, "connect", _sqlite_pragmas)
-        self._sql = (_Statements(sqlite_insert, writes.dialect) if sqlite
-                     else _Statements(pg_insert))
+            self._sql = _Statements(sqlite_insert, writes.dialect)
+        else:
+            self._sql = _Statements(pg_insert)
         if engine is None and not sqlite:
             # No pre-ping (a round trip per checkout, two per payment): the first query on a
             # dead connection fails (storage_unavailable, retryable) and SQLAlchemy then
