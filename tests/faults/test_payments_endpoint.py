@@ -1,4 +1,4 @@
-"""``POST /v1/payments`` is served by a plain ASGI handler in front of FastAPI's router; the
+"""``POST /v1/payments`` is served by a plain ASGI handler in front of FastAPI's stack; the
 FastAPI route behind it documents the operation and, without that handler, serves it the same
 way. Both give the same answers, byte for byte where nothing random is in them."""
 
@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cardseal.gateway.app import _PaymentsEndpoint, create_app
+from cardseal.gateway.app import create_app
 from tests.faults.asgi import InProcessGateway
 from tests.faults.conftest import Home, assert_error, assert_paid, pay, running
 
@@ -36,9 +36,8 @@ def _shape(response: httpx.Response) -> tuple[int, str, Any]:
 @pytest.fixture
 def without_fast_path(home: Home) -> Iterator[InProcessGateway]:
     app = create_app(home.settings)
-    app.user_middleware = [m for m in app.user_middleware
-                           if getattr(m.cls, "__name__", "") != _PaymentsEndpoint.__name__]
-    assert len(app.user_middleware) == 1  # the metrics middleware stays
+    assert app.payments is not None
+    app.payments = None  # FastAPI's own route serves it
     with running(app) as client:
         yield client
 
@@ -64,3 +63,33 @@ def test_the_operation_is_documented(home: Home) -> None:
     operation = create_app(home.settings).openapi()["paths"]["/v1/payments"]["post"]
     assert operation["parameters"][0]["name"] == "Idempotency-Key"
     assert {"201", "400", "401", "409", "413", "503"} <= set(operation["responses"])
+
+
+def _request_counts(client: InProcessGateway) -> dict[str, float]:
+    """``cardseal_http_requests_total`` of POST /v1/payments, by status."""
+    counts = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('cardseal_http_requests_total{') and 'route="/v1/payments"' in line:
+            assert 'method="POST"' in line
+            status = line.split('status="')[1].split('"')[0]
+            counts[status] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_both_count_and_time_the_request_and_send_the_same_headers(
+    home: Home, without_fast_path: InProcessGateway
+) -> None:
+    with running(create_app(home.settings)) as client:
+        fast = _requests(client, home)
+        fast_counts = _request_counts(client)
+        fast_latency = client.get("/metrics").text
+    slow = _requests(without_fast_path, home)
+    slow_counts = _request_counts(without_fast_path)
+    expected = {"201": 1.0, "409": 1.0, "400": 1.0, "413": 2.0, "401": 1.0}
+    assert fast_counts == slow_counts == expected
+    assert ('cardseal_http_request_duration_seconds_count{route="/v1/payments"} 6.0'
+            in fast_latency)
+    for f, s in zip(fast, slow, strict=True):
+        assert f.headers["content-type"] == s.headers["content-type"] == "application/json"
+        assert int(f.headers["content-length"]) == len(f.content)
+        assert "retry-after" not in f.headers and "retry-after" not in s.headers

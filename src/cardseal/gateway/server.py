@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Final
 
@@ -16,6 +17,13 @@ from cardseal.gateway.logs import configure_logging
 
 _CONFIG_ENV: Final = "CARDSEAL_CONFIG"
 _MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+SWITCH_INTERVAL: Final = 0.001
+"""Seconds a thread may hold the GIL while another waits for it (CPython's default: 0.005).
+
+The SQLite writer thread hands back the GIL while SQLite works, then waits for it to answer
+the batch; under load the event loop holds it, so each of those waits ran up to the full
+interval and committed batches sat unanswered. At 1 ms: ~5% more payments a second at 32
+clients, measured with the gateway benchmark (0.5 and 0.2 ms gained no more)."""
 
 
 def app_from_env() -> FastAPI:
@@ -23,6 +31,7 @@ def app_from_env() -> FastAPI:
     from cardseal.gateway.app import create_app
 
     configure_logging()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     return create_app(load_settings(os.environ.get(_CONFIG_ENV)))
 
 
