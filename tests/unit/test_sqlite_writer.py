@@ -6,7 +6,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from cardseal.errors import StorageError, TokenError
 from cardseal.storage.sql import _sqlite_begin, _sqlite_pragmas
-from cardseal.storage.sqlite_writer import SqliteWriter
+from cardseal.storage.sqlite_writer import OperationGroup, SqliteWriter
 
 metadata = MetaData()
 rows = Table("rows", metadata, Column("n", Integer, primary_key=True))
@@ -237,3 +237,93 @@ def test_a_writer_waits_for_its_turn(engine: Engine, tmp_path: Path) -> None:
     finally:
         os.close(holder)
     assert stored(engine) == [1]
+
+
+# -- operation groups --------------------------------------------------------------------------
+
+
+class Rows(OperationGroup[int, int]):
+    """Writes its items as rows in one statement and answers twice each; a negative item
+    needs handling of its own (as a replayed token): alone, it is refused."""
+
+    def __init__(self) -> None:
+        self.together: list[list[int]] = []
+        self.alone: list[int] = []
+
+    def run_all(self, conn: Connection, items: Sequence[int]) -> list[int] | None:
+        self.together.append(list(items))
+        conn.execute(rows.insert(), [{"n": abs(n)} for n in items])  # before it knows
+        if any(n < 0 for n in items):
+            return None
+        return [2 * n for n in items]
+
+    def run_one(self, conn: Connection, item: int) -> int:
+        self.alone.append(item)
+        if item < 0:
+            raise TokenError(code="token_replayed")
+        conn.execute(rows.insert().values(n=item))
+        return 2 * item
+
+
+def in_one_batch(writer: SqliteWriter,
+                 operations: Callable[[], list[Awaitable[object]]]) -> list[object]:
+    """The outcomes of ``operations``, all queued while the writer is held, so that one batch
+    takes them all; the writer closed after."""
+    async def scenario() -> list[object]:
+        loop = asyncio.get_running_loop()
+        gate, opened = asyncio.Event(), loop.create_future()
+
+        def hold(conn: Connection) -> None:
+            loop.call_soon_threadsafe(opened.set_result, None)
+            asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(timeout=10)
+
+        head = asyncio.ensure_future(writer.run(hold))
+        await opened
+        pending = [asyncio.ensure_future(op) for op in operations()]
+        await queued(writer, len(pending))
+        gate.set()
+        await head
+        results = list(await asyncio.gather(*pending, return_exceptions=True))
+        await writer.close()
+        return results
+
+    return asyncio.run(scenario())
+
+
+def test_a_group_runs_its_operations_of_a_batch_together(engine: Engine) -> None:
+    writer, group = SqliteWriter(engine), Rows()
+    results = in_one_batch(writer, lambda: [
+        writer.run_grouped(group, 1), writer.run(insert(100)), writer.run_grouped(group, 2),
+        writer.run_grouped(group, 3)])
+    assert results == [2, 100, 4, 6]
+    assert group.together == [[1, 2, 3]] and group.alone == []
+    assert (writer.batches, writer.operations) == (2, 5)
+    assert stored(engine) == [1, 2, 3, 100]
+
+
+def test_a_group_that_asks_for_it_runs_one_by_one_after_a_rollback(engine: Engine) -> None:
+    writer, group = SqliteWriter(engine), Rows()
+    results = in_one_batch(writer, lambda: [
+        writer.run_grouped(group, 1), writer.run(insert(100)), writer.run_grouped(group, -3),
+        writer.run_grouped(group, 4)])
+    assert results[0:2] == [2, 100] and results[3] == 8
+    assert isinstance(results[2], TokenError) and results[2].code == "token_replayed"
+    assert group.together == [[1, -3, 4]] and group.alone == [1, -3, 4]
+    # What the batch wrote before the group asked is gone: row 3 never landed, and the other
+    # operation of the batch (run again) landed once.
+    assert stored(engine) == [1, 4, 100]
+    assert writer.batches == 2
+
+
+def test_a_bug_in_a_group_is_its_operations_own_error(engine: Engine) -> None:
+    class Broken(Rows):
+        def run_all(self, conn: Connection, items: Sequence[int]) -> list[int] | None:
+            raise ValueError("bug")
+
+    writer = SqliteWriter(engine)
+    group = Broken()
+    results = in_one_batch(writer, lambda: [
+        writer.run_grouped(group, 1), writer.run(insert(100)), writer.run_grouped(group, 2)])
+    assert isinstance(results[0], ValueError) and isinstance(results[2], ValueError)
+    assert isinstance(results[1], StorageError)
+    assert stored(engine) == []
