@@ -165,7 +165,8 @@ class _SqliteRows:
         return args
 
     def inserted(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
-        """How many of ``rows`` went in (the others met a row with the same key)."""
+        """How many of ``rows`` went in (the others met a row with the same key): sqlite3's
+        ``rowcount``, which for an INSERT is SQLite's own count of changed rows."""
         driver = _driver(conn)
         count = 0
         for chunk in _chunks(rows, len(self._slots)):
@@ -266,7 +267,6 @@ class _Statements:
         self.recordings = _Recordings(_SqliteRows(
             dialect_insert(payments).on_conflict_do_nothing(), sqlite,
             [c.key for c in payments.c])) if sqlite is not None else None
-
 
     def reserve_again(self, conn: Connection, rid: str) -> str:
         """The payment id of a token given back for a retry, reserved again; else the token

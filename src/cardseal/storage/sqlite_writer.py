@@ -15,14 +15,14 @@ OS file lock (``flock``) around each transaction instead: the kernel wakes the n
 the moment the lock is let go. Other programs on the file still get ``busy_timeout``.
 
 Each call into SQLite gives up the GIL and must win it back from the event loop, which holds
-it under load: measured at 32 concurrent payments, those waits were four fifths of a batch's
-time, and a payment waits for two batches. So operations of one kind (an ``OperationGroup``:
-reservations, recorded payments) run as one statement per batch instead of one each; should
-any of them need handling of its own (a replayed token), the batch is rolled back and run
-again one operation at a time. Grouping reorders a batch, which is sound: every operation in
-it was queued before any of them was answered, so they are concurrent and any order is one
-they could have run in. (An operation may so run twice, its first run rolled back: each is a
-function of the connection alone.)
+it under load: measured at 32 concurrent payments, a batch's statements took ~2 ms where
+SQLite alone takes ~0.1 ms, and a payment waits for two batches. So operations of one kind
+(an ``OperationGroup``: reservations, recorded payments) run as one statement per batch
+instead of one each; should any of them need handling of its own (a replayed token), the
+batch is rolled back and run again one operation at a time. Grouping reorders a batch, which
+is sound: every operation in it was queued before any of them was answered, so they are
+concurrent and any order is one they could have run in. (An operation may so run twice, its
+first run rolled back: each is a function of the connection alone.)
 
 Each operation is a function of the connection. One that raises a contract error
 (``CardsealError``: token_replayed, idempotency_conflict) fails alone; the store's operations
