@@ -46,3 +46,17 @@ def test_standard_library_records_take_the_same_chain(stream: io.StringIO) -> No
     logging.getLogger("uvicorn.error").warning("client sent %s", PAN)
     (line,) = lines(stream)
     assert line["event"] == "client sent 411111******1111" and line["level"] == "warning"
+
+
+def test_lines_are_ascii_whatever_the_event_holds(stream: io.StringIO) -> None:
+    """orjson writes the common line; anything beyond ASCII (a C1 control a terminal obeys, a
+    line separator) is escaped as ``json.dumps`` escapes it."""
+    log = structlog.get_logger("cardseal.gateway")
+    log.info("payment", outcome="authorized", status=201)
+    log.warning("odd", reference="caf\u00e9 \x9b31m \u2028 \x1b[2J", count=3)
+    text = stream.getvalue()
+    assert text.isascii() and "\x1b" not in text
+    plain, odd = lines(stream)
+    assert plain["outcome"] == "authorized" and plain["status"] == 201
+    assert odd["reference"] == "caf\u00e9 \x9b31m \u2028 \x1b[2J" and odd["count"] == 3
+    assert '"event":"payment"' in text.splitlines()[0]  # the fast writer's compact form

@@ -7,12 +7,14 @@ JWS/JWE with a marker. Standard-library records (uvicorn's) pass through the sam
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Final
 
+import orjson
 import structlog
 
 from cardseal.card import luhn_valid
@@ -68,6 +70,14 @@ def redact_processor(
     return event_dict
 
 
+def _json_line(value: Any, **kwargs: Any) -> str:
+    """The event as JSON in ASCII, as ``json.dumps`` writes it: no raw control character or
+    other non-ASCII text reaches a terminal or a log shipper. ``orjson`` writes it in a tenth
+    of the time; the standard library escapes what it would not."""
+    line = orjson.dumps(value, **kwargs)
+    return line.decode() if line.isascii() else json.dumps(value, **kwargs)
+
+
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     """JSON lines on ``stream`` (stderr) for structlog and the standard library alike (uvicorn's
     records through a ``ProcessorFormatter`` with the same processors)."""
@@ -82,7 +92,7 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     # cardseal's own events go straight to the stream (structlog's native path: a tenth of
     # the cost of a round trip through a stdlib LogRecord, and one such line per payment).
     structlog.configure(
-        processors=[*shared, structlog.processors.JSONRenderer()],
+        processors=[*shared, structlog.processors.JSONRenderer(serializer=_json_line)],
         logger_factory=structlog.WriteLoggerFactory(file=out),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
         cache_logger_on_first_use=True,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import orjson
 import structlog
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -79,7 +79,9 @@ class Outcome:
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    """A response body: compact JSON in UTF-8 (``orjson``: a tenth of ``json.dumps``'s time,
+    two responses' worth per payment)."""
+    return orjson.dumps(value)
 
 
 def error_outcome(err: CardsealError) -> Outcome:
