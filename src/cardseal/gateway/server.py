@@ -23,7 +23,8 @@ SWITCH_INTERVAL: Final = 0.001
 The SQLite writer thread hands back the GIL while SQLite works, then waits for it to answer
 the batch; under load the event loop holds it, so each of those waits ran up to the full
 interval and committed batches sat unanswered. At 1 ms: ~5% more payments a second at 32
-clients, measured with the gateway benchmark (0.5 and 0.2 ms gained no more)."""
+clients, measured with the benchmarks' load generator (0.5, 0.3, 0.2 and 0.1 ms gained no
+more)."""
 
 
 def app_from_env() -> FastAPI:
