@@ -12,6 +12,7 @@ processes when ``--workers`` is above one, even if the test failed half way.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -39,6 +40,15 @@ from tests.gateway.conftest import (
 START_TIMEOUT = 60.0  # several servers start at once on two cores
 
 
+
+def _event(line: str) -> object:
+    """The ``event`` of a JSON log line (None for any other line)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("event") if isinstance(record, dict) else None
+
 class GatewayInstance(ServerProcess):
     """``cardseal serve --port P [--workers N]`` in its own process group."""
 
@@ -59,7 +69,8 @@ class GatewayInstance(ServerProcess):
 
     def workers_started(self) -> int:
         """How many worker processes logged ``gateway_started`` (each does, once)."""
-        return self.log_path.read_text(errors="replace").count('"event": "gateway_started"')
+        return sum(1 for line in self.log_path.read_text(errors="replace").splitlines()
+                   if _event(line) == "gateway_started")
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Until every worker started and ``/readyz`` answers 200 (database and replay store
