@@ -76,7 +76,7 @@ class OperationGroup(Generic[_I, _T]):
 
 @dataclass(slots=True, eq=False)
 class _Job:
-    work: Callable[[Connection], Any] | None
+    work: Callable[[Connection], Any]  # a grouped job's: its group's ``run_one``
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     group: OperationGroup[Any, Any] | None = None
@@ -127,7 +127,7 @@ class SqliteWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
         self._ensure_thread()
-        self._jobs.put(_Job(None, future, loop, group, item))
+        self._jobs.put(_Job(lambda conn: group.run_one(conn, item), future, loop, group, item))
         return await future
 
     def _ensure_thread(self) -> None:
@@ -234,9 +234,7 @@ class SqliteWriter:
                 continue
             culprits[:] = [job]
             try:
-                job.result = (job.work(conn) if job.work is not None
-                              else job.group.run_one(conn, job.item))  # type: ignore[union-attr]
-                job.ok = True
+                job.result, job.ok = job.work(conn), True
             except CardsealError as err:  # the operation's own refusal: it alone
                 job.result, job.ok = err, False
         for group, jobs in groups.items():
