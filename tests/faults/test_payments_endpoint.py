@@ -85,14 +85,3 @@ def test_the_operation_is_documented(home: Home) -> None:
     operation = create_app(home.settings).openapi()["paths"]["/v1/payments"]["post"]
     assert operation["parameters"][0]["name"] == "Idempotency-Key"
     assert {"201", "400", "401", "409", "413", "503"} <= set(operation["responses"])
-
-
-def _request_counts(client: InProcessGateway) -> dict[str, float]:
-    """``cardseal_http_requests_total`` of POST /v1/payments, by status."""
-    counts = {}
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith('cardseal_http_requests_total{') and 'route="/v1/payments"' in line:
-            assert 'method="POST"' in line
-            status = line.split('status="')[1].split('"')[0]
-            counts[status] = float(line.rsplit(" ", 1)[1])
-    return counts
