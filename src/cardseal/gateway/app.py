@@ -82,14 +82,34 @@ def _route_of(path: str) -> str:
     return "other"
 
 
-class _Observe:
-    """Counts every HTTP request and times it, by route and status (pure ASGI: Starlette's
-    ``BaseHTTPMiddleware`` costs a task group and two memory streams per request)."""
+class _RequestMetrics:
+    """Counts and times HTTP requests by route, method and status; each label set's children
+    are made once (``labels()`` takes a lock and builds a key on every call)."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
-        self._app = app
+    def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # labelled, once
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        labels = (route, method, status)
+        children = self._children.get(labels)
+        if children is None:  # bounded: few routes, methods and statuses
+            children = (self._metrics.requests.labels(route, method, str(status)),
+                        self._metrics.latency.labels(route))
+            if len(self._children) < 1024:
+                self._children[labels] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+class _Observe:
+    """Counts and times every HTTP request FastAPI serves, by route and status (pure ASGI:
+    Starlette's ``BaseHTTPMiddleware`` costs a task group and two memory streams per
+    request). ``_PaymentsEndpoint`` does the same for the requests it takes first."""
+
+    def __init__(self, app: ASGIApp, *, requests: _RequestMetrics) -> None:
+        self._app = app
+        self._requests = requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,16 +127,8 @@ class _Observe:
         try:
             await self._app(scope, receive, observed)
         finally:
-            route = _route_of(scope["path"])
-            labels = (route, scope["method"], status)
-            children = self._children.get(labels)
-            if children is None:  # bounded: few routes, methods and statuses
-                children = (self._metrics.requests.labels(route, scope["method"], str(status)),
-                            self._metrics.latency.labels(route))
-                if len(self._children) < 1024:
-                    self._children[labels] = children
-            children[0].inc()
-            children[1].observe(time.perf_counter() - start)
+            self._requests.observe(_route_of(scope["path"]), scope["method"], status,
+                                   time.perf_counter() - start)
 
 
 async def _read_body(
@@ -163,10 +175,9 @@ class _PaymentsEndpoint:
     """
 
     def __init__(self, *, take: Callable[[Headers, AsyncIterator[bytes]], Awaitable[Outcome]],
-                 metrics: Metrics) -> None:
+                 requests: _RequestMetrics) -> None:
         self._take = take
-        self._metrics = metrics
-        self._observed: dict[int, tuple[Any, Any]] = {}  # labelled children, by status
+        self._requests = requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
@@ -180,14 +191,7 @@ class _PaymentsEndpoint:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": outcome.body})
         finally:
-            children = self._observed.get(status)
-            if children is None:  # a handful of statuses
-                children = (
-                    self._metrics.requests.labels(_PAYMENTS_ROUTE, "POST", str(status)),
-                    self._metrics.latency.labels(_PAYMENTS_ROUTE))
-                self._observed[status] = children
-            children[0].inc()
-            children[1].observe(time.perf_counter() - start)
+            self._requests.observe(_PAYMENTS_ROUTE, "POST", status, time.perf_counter() - start)
 
 
 class GatewayApp(FastAPI):
@@ -289,8 +293,9 @@ def create_app(
         _log.info("payment", outcome=outcome.code, status=outcome.status)
         return outcome
 
-    app.payments = _PaymentsEndpoint(take=take_payment, metrics=metrics)
-    app.add_middleware(_Observe, metrics=metrics)  # counts every other request
+    requests = _RequestMetrics(metrics)
+    app.payments = _PaymentsEndpoint(take=take_payment, requests=requests)
+    app.add_middleware(_Observe, requests=requests)  # counts every other request
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, _exc: RequestValidationError) -> Response:
