@@ -60,3 +60,28 @@ def test_lines_are_ascii_whatever_the_event_holds(stream: io.StringIO) -> None:
     assert plain["outcome"] == "authorized" and plain["status"] == 201
     assert odd["reference"] == "caf\u00e9 \x9b31m \u2028 \x1b[2J" and odd["count"] == 3
     assert '"event":"payment"' in text.splitlines()[0]  # the fast writer's compact form
+
+
+class _Holder:
+    def __repr__(self) -> str:
+        return f"Holder({PAN})"
+
+
+def test_every_kind_of_value_is_redacted(stream: io.StringIO) -> None:
+    """Strings (short ones too), nested mappings and lists, other objects by their repr and
+    exception text; numbers, booleans and None pass as they are."""
+    log = structlog.get_logger("cardseal.gateway")
+    try:
+        raise ValueError(f"bad card {PAN}")
+    except ValueError:
+        log.error("failed", exc_info=True, short="eyJabcd.x.y", nested={"a": [PAN, {"cvv": 1}]},
+                  obj=_Holder(), ratio=0.5, flag=True, nothing=None, count=7)
+    (line,) = lines(stream)
+    text = stream.getvalue()
+    assert PAN not in text
+    assert "411111******1111" in line["exception"]  # type: ignore[operator]
+    assert line["short"] == "[redacted-jose]"
+    assert line["nested"] == {"a": ["411111******1111", {"cvv": "[redacted]"}]}
+    assert line["obj"] == "Holder(411111******1111)"
+    assert (line["ratio"], line["flag"], line["nothing"], line["count"]) == (0.5, True, None, 7)
+    assert line["level"] == "error" and line["event"] == "failed"
