@@ -26,7 +26,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
@@ -108,7 +108,15 @@ class _LiveDataKey:
 
 class NeedsRemoteKms(Exception):  # noqa: N818 - a signal, not an error
     """Opening would call a remote KMS, and the caller asked not to (``allow_remote=False``):
-    it retries off its event loop. Never raised otherwise; not a contract error."""
+    it retries off its event loop. Never raised otherwise; not a contract error.
+
+    ``data_key`` names the data key that was missing (``None`` for ``kms-direct``, where each
+    token is its own KMS call): requests that miss the same one at once can wait for the first
+    of them to fetch it, then open from the cache."""
+
+    def __init__(self, data_key: Hashable | None = None) -> None:
+        super().__init__()
+        self.data_key = data_key
 
 
 class EnvelopeSealer:
@@ -254,7 +262,7 @@ class EnvelopeOpener:
         slot = (kid, wrapped, iss, aud)
         aead = self._cache.get(slot) if self._cache is not None else None
         if aead is None and not allow_remote and self._providers.is_remote(kid):
-            raise NeedsRemoteKms  # not counted: the retry off the loop counts its lookup
+            raise NeedsRemoteKms(slot)  # not counted: the retry counts its lookup
         if self._cache is not None:
             hit = aead is not None
             if hit:

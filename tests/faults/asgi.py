@@ -79,3 +79,13 @@ class InProcessGateway:
 
     def post(self, url: str, **options: Any) -> httpx.Response:
         return self.request("POST", url, **options)
+
+    def post_many(self, url: str, bodies: list[Any]) -> list[httpx.Response]:
+        """POST each JSON body in ``bodies`` at once (concurrent requests on the app's loop)."""
+        assert self._client is not None, "use InProcessGateway as a context manager"
+        client = self._client
+
+        async def all_at_once() -> list[httpx.Response]:
+            return list(await asyncio.gather(*(client.post(url, json=b) for b in bodies)))
+
+        return self.run(all_at_once())

@@ -13,13 +13,17 @@ for the formula).
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cardseal.config import build_sealer
 from cardseal.gateway.app import create_app
+from cardseal.processor.base import ChargeRequest, ChargeResult
+from cardseal.processor.sandbox import SandboxProcessor
 from tests.faults.conftest import (
     REGION,
     Home,
@@ -101,3 +105,61 @@ def test_kms_fault_is_kms_unavailable_then_the_same_request_pays(
         body = assert_paid(pay(client, token, key=key))
     assert [row["id"] for row in home.ledger()] == [body["id"]]
     assert home.token_state(token) == "done"
+
+
+class _ThreadsSeen(SandboxProcessor):
+    """The sandbox, noting the thread each charge runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        self.threads.append(threading.current_thread().name)
+        return super().charge(request)
+
+
+def test_requests_missing_one_data_key_at_once_share_one_fetch_and_one_thread(
+    tmp_path: Path, kms_server: KmsServer, proxy: KmsProxy
+) -> None:
+    """A new data key reaches a busy gateway in every request in flight: one of them fetches
+    it in a worker thread (one KMS Decrypt), the others wait for that and then open on the
+    event loop, with no thread of their own."""
+    home = aws_home(tmp_path, kms_server, proxy, "envelope")
+    processor = _ThreadsSeen()
+    app = create_app(home.settings, processor=processor)
+    sealer = build_sealer(home.settings)  # the defaults: one data key for these
+    tokens = [home.seal(sealer) for _ in range(12)]
+    with running(app) as client:
+        proxy.reset()
+        proxy.fault, proxy.delay = "slow", 0.3  # every request is in flight before it answers
+        responses = client.post_many(
+            "/v1/payments", [{"token": t, "amount": 1999, "currency": "USD"} for t in tokens])
+        proxy.heal()
+    for response in responses:
+        assert_paid(response)
+    assert proxy.attempts == {"Decrypt": 1}
+    on_loop = processor.threads.count("in-process-gateway")  # the app's event loop
+    assert (on_loop, len(processor.threads)) == (11, 12), processor.threads
+    assert len({t.split(".")[1] for t in tokens}) == 12  # distinct tokens, all paid once
+
+
+def test_when_the_shared_fetch_fails_every_waiting_request_is_kms_unavailable(
+    tmp_path: Path, kms_server: KmsServer, proxy: KmsProxy
+) -> None:
+    """The requests that waited for a fetch that failed try for themselves: each gets the
+    contract's 503, each token is given back, and each pays once the KMS answers again."""
+    home = aws_home(tmp_path, kms_server, proxy, "envelope")
+    app = create_app(home.settings, processor=_ThreadsSeen())
+    sealer = build_sealer(home.settings)
+    tokens = [home.seal(sealer) for _ in range(6)]
+    bodies = [{"token": t, "amount": 1999, "currency": "USD"} for t in tokens]
+    with running(app) as client:
+        proxy.fault = "throttle"
+        for response in client.post_many("/v1/payments", bodies):
+            assert_error(response, 503, "kms_unavailable")
+        assert {home.token_state(t) for t in tokens} == {"released"}
+        proxy.heal()
+        for response in client.post_many("/v1/payments", bodies):
+            assert_paid(response)
+    assert len(home.ledger()) == 6

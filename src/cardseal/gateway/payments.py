@@ -29,9 +29,10 @@ retry is charged once the database is back (fail closed meanwhile: the token is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -149,6 +150,8 @@ class PaymentService:
         self._processor_pool = ThreadPoolExecutor(
             max_workers=_PROCESSOR_THREADS, thread_name_prefix="cardseal-processor")
         self._repairs: set[asyncio.Task[None]] = set()
+        # Data keys being fetched from the KMS, by name: the charge that fetches each one.
+        self._fetches: dict[Hashable, asyncio.Future[tuple[ChargeResult, CardView]]] = {}
 
     async def close(self) -> None:
         """Stop background repairs (their records stay as they are: fail closed) and let go
@@ -223,9 +226,9 @@ class PaymentService:
                 try:
                     result, view = self._charge(
                         verified, payment_id, amount, currency, reference, allow_remote=False)
-                except NeedsRemoteKms:
-                    result, view = await run_in_threadpool(
-                        self._charge, verified, payment_id, amount, currency, reference)
+                except NeedsRemoteKms as need:
+                    result, view = await self._charge_fetching(
+                        need.data_key, verified, payment_id, amount, currency, reference)
         except CardsealError as err:
             await self._settle_failed(rid, err, expires_at)
             return error_outcome(err)
@@ -254,6 +257,33 @@ class PaymentService:
                                "decline_code": result.decline_code, "payment_id": payment_id}}
             return Outcome(402, _dumps(error), "payment_declined")
         return Outcome(201, _dumps(payment_json(row)), "authorized")
+
+    async def _charge_fetching(
+        self, data_key: Hashable | None, verified: VerifiedToken, payment_id: str, amount: int,
+        currency: str, reference: str | None,
+    ) -> tuple[ChargeResult, CardView]:
+        """``_charge`` for a token whose data key is not in the cache: in a worker thread,
+        which fetches it from the KMS. A request that misses a data key another request is
+        already fetching waits for that one and then opens on the event loop (a new data key
+        reaches a busy gateway in every request in flight at once: one thread does the KMS
+        call while the others wait without a thread each, then finish without contending for
+        the GIL). Should that fetch fail or the key not be kept, it fetches for itself."""
+        args = (verified, payment_id, amount, currency, reference)
+        fetching = self._fetches.get(data_key) if data_key is not None else None
+        if fetching is not None:
+            await asyncio.wait([fetching])
+            with contextlib.suppress(NeedsRemoteKms):
+                return self._charge(*args, allow_remote=False)
+        call = asyncio.ensure_future(run_in_threadpool(self._charge, *args))
+        if data_key is not None and data_key not in self._fetches:
+            self._fetches[data_key] = call
+
+            def forget(_: object) -> None:
+                if self._fetches.get(data_key) is call:
+                    del self._fetches[data_key]
+
+            call.add_done_callback(forget)
+        return await call
 
     def _charge_terms(
         self, verified: VerifiedToken, request: PaymentRequest
