@@ -12,7 +12,9 @@ A command::
 body is sent once: the tokens are single-use). After ``churn`` requests a client closes its
 connection and opens a new one: a worker that is busy accepts fewer of the new connections,
 so the load spreads over ``cardseal serve --workers N`` (kept-alive connections would stay
-where the first accept put them, all on one worker when they arrive in one burst).
+where the first accept put them). The first connections open one after another before the
+clock starts: in one burst, most of them landed on one worker, and a server slow enough
+that a connection outlives the run never evened that out.
 
 The client is asyncio on uvloop with a hand-written HTTP/1.1 exchange (request bytes built
 before the clock starts; the response read by ``Content-Length``) so that it costs a fraction
@@ -81,7 +83,10 @@ async def _run(command: dict[str, Any]) -> dict[str, Any]:
         return await asyncio.open_connection("127.0.0.1", port, ssl=context,
                                              server_hostname="127.0.0.1")
 
-    connections = list(await asyncio.gather(*(connect() for _ in range(concurrency))))
+    # One after another, not in one burst: asyncio accepts every pending connection at once,
+    # so a burst lands on whichever worker wakes first, and where a connection outlives the
+    # run (fewer than ``churn`` requests in it) that split would stay for the whole run.
+    connections = [await connect() for _ in range(concurrency)]
     stats.connects = 0
     cpu_start = time.process_time()
     server_start = {pid: cpu_seconds(pid) for pid in pids}
