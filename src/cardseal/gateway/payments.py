@@ -119,7 +119,8 @@ def payment_json(row: dict[str, Any]) -> dict[str, Any]:
             "fingerprint": row["card_fingerprint"],
         },
         "issuer": row["issuer"],
-        "created_at": created.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_at": created.astimezone(UTC).replace(tzinfo=None).isoformat("T", "seconds")
+        + "Z",
     }
     if row.get("decline_code"):
         body["decline_code"] = row["decline_code"]
