@@ -37,7 +37,9 @@ def payment_row(payment_id: str, rid: str) -> dict[str, Any]:
 
 
 class LostCommitAnswers:
-    """Makes the next ``lose`` commits land on the server and then fail on the client."""
+    """Makes the next ``lose`` commits land on the server and then fail on the client: the
+    COMMIT of a transaction (SQLAlchemy's), or a statement the store runs on its own in
+    autocommit (the payment path's, on the driver connection), which is its own commit."""
 
     def __init__(self, store: SqlStore) -> None:
         self.lose = 0
@@ -46,11 +48,27 @@ class LostCommitAnswers:
 
         def do_commit(dbapi_connection: Any) -> None:
             original(dbapi_connection)
-            if self.lose:
-                self.lose -= 1
-                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            self._maybe_lose()
 
         dialect.do_commit = do_commit  # type: ignore[method-assign]
+        self._execute = execute = psycopg.AsyncConnection.execute
+
+        async def autocommitted(conn: psycopg.AsyncConnection[Any], *args: Any,
+                                **kwargs: Any) -> Any:
+            cursor = await execute(conn, *args, **kwargs)
+            if conn.autocommit:
+                self._maybe_lose()
+            return cursor
+
+        psycopg.AsyncConnection.execute = autocommitted  # type: ignore[assignment,method-assign]
+
+    def _maybe_lose(self) -> None:
+        if self.lose:
+            self.lose -= 1
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    def restore(self) -> None:
+        psycopg.AsyncConnection.execute = self._execute  # type: ignore[method-assign]
 
 
 def run(postgres: PostgresServer, scenario: Callable[[SqlStore, LostCommitAnswers],
@@ -60,9 +78,11 @@ def run(postgres: PostgresServer, scenario: Callable[[SqlStore, LostCommitAnswer
 
     async def main() -> None:
         store = SqlStore(url=url, pool_size=2)
+        faults = LostCommitAnswers(store)
         try:
-            await scenario(store, LostCommitAnswers(store))
+            await scenario(store, faults)
         finally:
+            faults.restore()
             await store.close()
 
     asyncio.run(main())
@@ -112,5 +132,35 @@ def test_a_failure_before_the_commit_is_storage_unavailable(postgres: PostgresSe
         assert await store.get_payment(payment_id, "payment-service") is None
         other = replay_id("payment-service", "jti-other")
         await store.record_payment(payment_row(new_payment_id(), other))  # the pool is fine
+
+    run(postgres, scenario)
+
+
+def test_the_payment_path_statements_each_stand_alone(postgres: PostgresServer) -> None:
+    """The payment path runs single statements in autocommit on the driver: a reservation, a
+    reservation taken up again after a release, a payment recorded with its token marked done
+    in one statement, a payment whose token has no row here (a Redis replay store), and a
+    second payment for one token refused without touching anything."""
+
+    async def scenario(store: SqlStore, _faults: LostCommitAnswers) -> None:
+        rid = replay_id("payment-service", "jti-path")
+        payment_id = await store.reserve_token(rid, int(time.time()) + 60)
+        await store.release_token(rid)
+        assert await store.reserve_token(rid, int(time.time()) + 60) == payment_id
+        await store.record_payment(payment_row(payment_id, rid))
+        with pytest.raises(TokenError) as again:  # done: never reserved again
+            await store.reserve_token(rid, int(time.time()) + 60)
+        assert again.value.code == "token_replayed"
+        with pytest.raises(TokenError) as twice:  # the ledger has this token's payment
+            await store.record_payment(payment_row(new_payment_id(), rid))
+        assert twice.value.code == "token_replayed"
+        elsewhere = replay_id("payment-service", "jti-redis")  # no used_tokens row
+        other_id = new_payment_id()
+        await store.record_payment(payment_row(other_id, elsewhere))
+        assert (await store.get_payment(other_id, "payment-service")) is not None
+        # The connections went back to the pool out of autocommit, as SQLAlchemy expects them.
+        assert store.engine is not None
+        async with store.engine.connect() as conn:
+            assert (await conn.get_raw_connection()).driver_connection.autocommit is False
 
     run(postgres, scenario)
