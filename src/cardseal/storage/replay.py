@@ -13,14 +13,14 @@ A Redis replay store is named by a redis-py URL whose fragment, if any, is the k
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from cardseal.errors import ConfigError, StorageError, TokenError
 from cardseal.storage.sql import SqlStore, new_payment_id
+
+if TYPE_CHECKING:  # imported where a Redis replay store is configured: ~6 MiB a worker
+    import redis.asyncio as aioredis
 
 DEFAULT_REDIS_PREFIX: Final = "cardseal:used:"
 _MAX_PREFIX: Final = 100
@@ -89,6 +89,10 @@ class RedisReplayStore(ReplayStore):
 
     def __init__(self, url: str, *, prefix: str = DEFAULT_REDIS_PREFIX, timeout: float = 2.0,
                  client: aioredis.Redis | None = None) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        self._failures = (RedisError, OSError, TimeoutError)
         self._client: aioredis.Redis = client or aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
             health_check_interval=30, retry_on_timeout=False)
@@ -98,7 +102,7 @@ class RedisReplayStore(ReplayStore):
     async def _call(self, coro: Any) -> Any:
         try:
             return await coro
-        except (RedisError, OSError, TimeoutError) as err:
+        except self._failures as err:
             raise StorageError() from err
 
     async def reserve(self, rid: str, expires_at: int) -> str:

@@ -19,9 +19,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-import psycopg
 from sqlalchemy import (
     Select,
     Table,
@@ -38,7 +37,6 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.crud import REQUIRED
 from sqlalchemy.sql.elements import BindParameter
@@ -51,6 +49,10 @@ from cardseal.storage.sqlite_writer import (
     OperationGroup,
     SqliteWriter,
 )
+
+if TYPE_CHECKING:  # imported where PostgreSQL is used: a SQLite worker never loads them
+    import psycopg
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 _T = TypeVar("_T")
 
@@ -342,6 +344,8 @@ class SqlStore:
         else:
             self._sql = _Statements(pg_insert)
         if engine is None and not sqlite:
+            from sqlalchemy.ext.asyncio import create_async_engine
+
             # No pre-ping (a round trip per checkout, two per payment): the first query on a
             # dead connection fails (storage_unavailable, retryable) and SQLAlchemy then
             # recycles the whole pool, so a failover costs the requests in flight at that
@@ -381,6 +385,8 @@ class SqlStore:
         returns one, and its place; each statement on its own (autocommit), in order, on one
         pooled connection; None if none returns a row. Database trouble is ``StorageError``.
         PostgreSQL only (SQLite writes go through its writer)."""
+        import psycopg
+
         if self.engine is None:  # pragma: no cover - a store has a writer or an engine
             raise StorageError()
         try:
