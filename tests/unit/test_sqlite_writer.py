@@ -239,6 +239,35 @@ def test_a_writer_waits_for_its_turn(engine: Engine, tmp_path: Path) -> None:
     assert stored(engine) == [1]
 
 
+def test_what_queues_while_a_writer_waits_for_its_turn_joins_its_batch(
+    engine: Engine, tmp_path: Path
+) -> None:
+    lock = str(tmp_path / "w.db-writer.lock")
+    writer = SqliteWriter(engine, lock_path=lock)
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another process's writer, mid-transaction
+
+    async def scenario() -> list[object]:
+        first = asyncio.ensure_future(writer.run(insert(0)))
+        for _ in range(1000):  # the writer took it, and now waits for the lock
+            if writer._jobs.qsize() == 0 and writer._thread is not None:
+                break
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(writer.run(insert(n))) for n in range(1, 10)]
+        await queued(writer, 9)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        results = await asyncio.gather(first, *rest)
+        await writer.close()
+        return results
+
+    try:
+        assert asyncio.run(scenario()) == list(range(10))
+    finally:
+        os.close(holder)
+    assert (writer.batches, writer.operations) == (1, 10)  # one turn, one commit
+    assert stored(engine) == list(range(10))
+
+
 # -- operation groups --------------------------------------------------------------------------
 
 

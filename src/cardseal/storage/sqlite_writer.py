@@ -12,7 +12,11 @@ Several gateway processes on one SQLite file (``--workers N``) each have a write
 wait for the write lock polls with sleeps of 1 to 100 ms, so the writers would take turns
 slowly (p99 of a third of a second at two workers). With ``lock_path`` they take turns on an
 OS file lock (``flock``) around each transaction instead: the kernel wakes the next writer
-the moment the lock is let go. Other programs on the file still get ``busy_timeout``.
+the moment the lock is let go. Other programs on the file still get ``busy_timeout``. A writer
+fills its batch once its turn has come, not before: what queued while it waited commits with
+it. (Measured at two workers, 32 concurrent payments: the lock was held ~95% of the time and
+each writer waited for it ~45%; filling after the wait took batches from ~6.5 to ~8.5
+operations, one fsync each, and left the lock free a fifth of the time.)
 
 Each call into SQLite gives up the GIL and must win it back from the event loop, which holds
 it under load: measured at 32 concurrent payments, a batch's statements took ~2 ms where
@@ -156,22 +160,26 @@ class SqliteWriter:
             if first is None:
                 break
             batch = [first]
-            while len(batch) < self._max_batch:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                batch.append(job)
-            conn = self._commit(conn, batch)
+            conn, stop = self._commit(conn, batch)
             self._answer(batch)
         if conn is not None:
             self._drop(conn)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _fill(self, batch: list[_Job]) -> bool:
+        """Move what is queued into ``batch``, up to ``max_batch``; True when that met the
+        request to stop (``close``)."""
+        while len(batch) < self._max_batch:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return False
+            if job is None:
+                return True
+            batch.append(job)
+        return False
 
     def _take_turn(self) -> None:
         """Wait for this process's turn to write (the file lock), if writers share a file."""
@@ -185,14 +193,16 @@ class SqliteWriter:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _commit(self, conn: Connection | None, batch: list[_Job]) -> Connection | None:
-        """Run ``batch`` in one transaction; return the connection to keep (None after a
-        failure). Each job's outcome is left on the job."""
-        self.batches += 1
-        self.operations += len(batch)
+    def _commit(self, conn: Connection | None, batch: list[_Job]
+                ) -> tuple[Connection | None, bool]:
+        """Take this writer's turn, add what is queued by then to ``batch`` and run it in one
+        transaction. Return the connection to keep (None after a failure) and whether to stop
+        after this batch. Each job's outcome is left on the job."""
         culprits: list[_Job] = []
+        stop = False
         try:
             self._take_turn()
+            stop = self._fill(batch)
             if conn is None:
                 conn = self._engine.connect()
             grouped = True
@@ -202,7 +212,7 @@ class SqliteWriter:
                         break  # and commit
                     transaction.rollback()  # a group asked for one operation at a time
                     grouped = False
-            return conn
+            return conn, stop
         except Exception as err:  # every failure fails the whole batch, closed
             # sqlite3's own errors too: the payment path runs on the driver connection.
             database = isinstance(err, SQLAlchemyError | sqlite3.Error | OSError | TimeoutError)
@@ -217,9 +227,11 @@ class SqliteWriter:
                 job.ok = False
             if conn is not None:
                 self._drop(conn)
-            return None
+            return None, stop
         finally:
             self._end_turn()
+            self.batches += 1
+            self.operations += len(batch)
 
     @staticmethod
     def _run_jobs(conn: Connection, batch: list[_Job], culprits: list[_Job], *,
