@@ -80,22 +80,34 @@ class Rate:
     cpu: float
 
 
-def rate(fn: Callable[[], object], seconds: float, *, warmup: int = 5, batch: int = 10) -> Rate:
-    """Calls per second of ``fn`` over about ``seconds``, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    count = 0
-    start = time.perf_counter()
-    cpu_start = time.thread_time()
-    deadline = start + seconds
-    while True:
-        for _ in range(batch):
+def interleaved_rates(fns: Sequence[Callable[[], object]], seconds: float, *,
+                      slice_seconds: float = 0.02, warmup: int = 5) -> list[Rate]:
+    """Calls per second of each of ``fns`` over about ``seconds`` of its own, measured in
+    alternating slices of about ``slice_seconds`` (after ``warmup`` untimed calls each, which
+    size the slices): load from elsewhere on a shared machine, which comes and goes within a
+    second, then falls on every candidate alike instead of on whichever ran at the time."""
+    sizes = []
+    for fn in fns:
+        start = time.perf_counter()
+        for _ in range(warmup):
             fn()
-        count += batch
-        now = time.perf_counter()
-        if now >= deadline:
-            cpu = time.thread_time() - cpu_start
-            return Rate(count / (now - start), count / cpu if cpu > 0 else math.inf)
+        per_call = (time.perf_counter() - start) / warmup
+        sizes.append(max(1, int(slice_seconds / per_call)) if per_call > 0 else 1000)
+    counts = [0] * len(fns)
+    walls = [0.0] * len(fns)
+    cpus = [0.0] * len(fns)
+    while min(walls) < seconds:
+        for index, fn in enumerate(fns):
+            if walls[index] >= seconds:
+                continue
+            start, cpu_start = time.perf_counter(), time.thread_time()
+            for _ in range(sizes[index]):
+                fn()
+            walls[index] += time.perf_counter() - start
+            cpus[index] += time.thread_time() - cpu_start
+            counts[index] += sizes[index]
+    return [Rate(count / wall, count / cpu if cpu > 0 else math.inf)
+            for count, wall, cpu in zip(counts, walls, cpus, strict=True)]
 
 
 # -- the progress line (stderr) ----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Rows 1-3: seal/s and open/s against the raw cryptography and the seed; KMS calls per token.
 
-Rows 1 and 2 interleave their candidates: repeat i of every candidate runs back to back, so
-that a burst of load from elsewhere on the machine hits them alike; each ratio is taken per
+Rows 1 and 2 interleave their candidates: in repeat i every candidate runs for the same
+time in alternating slices of ~20 ms (``interleaved_rates``), so that load from elsewhere on
+the machine, which comes and goes within a second, hits them alike; each ratio is taken per
 repeat (candidate i / baseline i) and shown as median [min-max].
 
 - Row 1, seal: ``Sealer.seal`` (envelope; ``local://`` and ``aws-kms://`` on moto) against a
@@ -36,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from benchmarks.common import Progress, Rate, Spread, rate, ratio_spread
+from benchmarks.common import Progress, Rate, Spread, interleaved_rates, ratio_spread
 from benchmarks.seed_flow import (
     SEED_CARD,
     PresealingSeedClient,
@@ -78,9 +79,10 @@ def _interleaved(candidates: list[tuple[str, Callable[[], object]]], repeats: in
                  seconds: float, progress: Progress) -> dict[str, list[Rate]]:
     rates: dict[str, list[Rate]] = {name: [] for name, _ in candidates}
     for run in range(repeats):
-        for name, fn in candidates:
-            progress.tick(f"run {run + 1}/{repeats}: {name}")
-            rates[name].append(rate(fn, seconds))
+        progress.tick(f"run {run + 1}/{repeats}: {', '.join(name for name, _ in candidates)}")
+        measured = interleaved_rates([fn for _, fn in candidates], seconds)
+        for (name, _), result in zip(candidates, measured, strict=True):
+            rates[name].append(result)
     return rates
 
 
@@ -110,8 +112,8 @@ def _print(progress: Progress, rates: dict[str, list[Rate]], labels: dict[str, s
 
 
 def _header(progress: Progress, title: str, repeats: int, seconds: float) -> None:
-    progress.emit(f"{title}, {repeats} runs x {seconds:g}s, interleaved; ratios per run, "
-                  "median [min-max]")
+    progress.emit(f"{title}, {repeats} runs x {seconds:g}s, interleaved in ~20 ms slices; "
+                  "ratios per run, median [min-max]")
     progress.emit(f"  {'':<58} {'calls/s (wall)':>26}  {'calls/cpu-s':>15}  ratio")
 
 
