@@ -40,6 +40,14 @@ def crash_gateway(tmp_path_factory: pytest.TempPathFactory, database_url: str,
         gw.server.stop()
 
 
+# A client thread that connects while the server dies can leave an SSLSocket unclosed: on
+# Python 3.11, SSLSocket leaks itself when its peer is gone by the time it checks that it is
+# connected (python/cpython#113280). The client's socket, not the gateway's; nothing else
+# is let through.
+@pytest.mark.filterwarnings(
+    "ignore:unclosed <ssl.SSLSocket:ResourceWarning",
+    "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning",
+)
 def test_sigkill_mid_burst_loses_nothing_and_charges_nothing_twice(
         crash_gateway: Gateway) -> None:
     gateway = crash_gateway
