@@ -16,7 +16,7 @@ the moment the lock is let go. Other programs on the file still get ``busy_timeo
 fills its batch once its turn has come, not before: what queued while it waited commits with
 it. (Measured at two workers, 32 concurrent payments: the lock was held ~95% of the time and
 each writer waited for it ~45%; filling after the wait took batches from ~6.5 to ~8.5
-operations, one fsync each, and left the lock free a fifth of the time.)
+operations, one fsync each, and left each writer idle a fifth of the time.)
 
 Each call into SQLite gives up the GIL and must win it back from the event loop, which holds
 it under load: measured at 32 concurrent payments, a batch's statements took ~2 ms where
