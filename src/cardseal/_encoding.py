@@ -2,6 +2,14 @@
 
 Both functions raise ``ValueError`` on any deviation; callers turn that into their own contract
 code. Nothing here echoes its input in an error message.
+
+Both sit on the token hot path, so each has a fast path in a C library whose result is proven
+equal to the strict one's before it is used: ``pybase64`` decodes long base64url (a claim set,
+a signature) after this module has ruled out every text it would read more leniently than
+RFC 7515 (padding, the standard alphabet's ``+`` and ``/``, non-zero unused bits), and
+``orjson`` parses JSON whose bytes it gives back exactly when it serializes the result (which
+rules out duplicate members, escapes and every other form the strict parser would judge
+differently). Anything else goes to the standard library's parser with the checks below.
 """
 
 from __future__ import annotations
@@ -12,6 +20,9 @@ import json
 import re
 from typing import Any, Final
 
+import orjson
+import pybase64
+
 _B64_STD_OR_URL: Final = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
 # Index of each base64url character, to check that unused trailing bits are zero.
 _B64URL_INDEX: Final = {
@@ -21,6 +32,11 @@ _B64URL_INDEX: Final = {
 
 _URL_TO_STD: Final = bytes.maketrans(b"-_+/=", b"+/!!!")
 _STD_TO_URL: Final = bytes.maketrans(b"+/", b"-_")
+# From this length on pybase64 (SIMD) decodes faster than binascii; below, binascii's smaller
+# cost per call wins (measured here: 0.16 against 0.42 us for an IV, 1.43 against 0.77 us for
+# a claim set of 480 bytes).
+_PYBASE64_FROM: Final = 256
+_PADDING: Final = ("", "", "==", "=")  # by length % 4
 _COMPACT: Final = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 
 MAX_JSON_DEPTH: Final = 8
@@ -38,6 +54,22 @@ def b64url_decode(text: str) -> bytes:
     Rejects padding, whitespace, any other character, an impossible length and non-zero unused
     bits in the last character (so that exactly one string encodes each byte string).
     """
+    rem = len(text) % 4
+    if rem:
+        if rem == 1:
+            raise ValueError("impossible base64url length")
+        last = _B64URL_INDEX.get(text[-1])
+        if last is None or last & (0x0F if rem == 2 else 0x03):
+            raise ValueError("non-canonical base64url")
+    if len(text) >= _PYBASE64_FROM:
+        # pybase64 with altchars "-_" would also take "+", "/" and padding: refused first;
+        # validate=True refuses any other byte outside the alphabet (whitespace, non-ASCII).
+        if "=" in text or "+" in text or "/" in text:
+            raise ValueError("not base64url")
+        try:
+            return pybase64.b64decode(text + _PADDING[rem], altchars=b"-_", validate=True)
+        except ValueError:  # binascii.Error is one
+            raise ValueError("not base64url") from None
     try:
         raw = text.encode("ascii")
     except UnicodeEncodeError:
@@ -45,13 +77,7 @@ def b64url_decode(text: str) -> bytes:
     # The table maps the url-safe alphabet onto the standard one and "+", "/", "=" onto a
     # non-alphabet byte, so that strict mode refuses them with every other stray byte.
     raw = raw.translate(_URL_TO_STD)
-    rem = len(raw) % 4
     if rem:
-        if rem == 1:
-            raise ValueError("impossible base64url length")
-        last = _B64URL_INDEX.get(text[-1])
-        if last is None or last & (0x0F if rem == 2 else 0x03):
-            raise ValueError("non-canonical base64url")
         raw += b"==" if rem == 2 else b"="
     try:
         return binascii.a2b_base64(raw, strict_mode=True)
@@ -158,6 +184,26 @@ def loads_strict(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_JSON
     raw = data.encode("utf-8") if isinstance(data, str) else data
     if len(raw) > max_bytes:
         raise ValueError("JSON too large")
+    # The fast path: ``raw`` is exactly orjson's own compact serialization of what orjson
+    # reads in it (members in document order). orjson keeps the last of duplicate members and
+    # reads any escape; bytes it writes back unchanged have neither duplicates (the value would
+    # be shorter), nor an escape it would not write, nor a lone surrogate (it refuses to write
+    # one), nor NaN, nor a number in other than its shortest form, nor an integer past 64
+    # bits: one strict JSON text, whose value the standard parser below would give too. It
+    # spares that parser (~5x slower) for claim sets written compactly, as cardseal's and most
+    # JWT libraries write them. More brackets than the depth allows: the slow path decides.
+    if raw.count(b"{") + raw.count(b"[") <= max_depth:
+        try:
+            value = orjson.loads(raw)
+            if orjson.dumps(value) == raw:
+                return value
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+            pass
+    return _loads_standard(raw, max_depth)
+
+
+def _loads_standard(raw: bytes, max_depth: int) -> Any:
+    """``loads_strict`` by the standard library's parser and the checks around it."""
     text = raw.decode("utf-8")
     if not _depth_within(text, max_depth):
         raise ValueError("JSON nested too deeply")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -28,7 +29,7 @@ _CARD_FIELDS: Final = frozenset({"card_number", "expiry_date", "cvv", "cardholde
 # only digits and "/", so it means what ``loads_strict`` would make of it; anything else
 # (another layout, a name, escapes) goes through the parser.
 _CANONICAL_CARD: Final = re.compile(
-    rb'\{"card_number":"([0-9]{12,19})","cvv":"([0-9]{3,4})","expiry_date":"([0-9]{2}/[0-9]{4})"\}')
+    rb'\{"card_number":"([0-9]{12,19})","cvv":"([0-9]{3,4})","expiry_date":"([0-9]{2})/([0-9]{4})"\}')
 _MAX_NAME_CHARS: Final = 128
 _DIGITS: Final = frozenset("0123456789")
 
@@ -87,7 +88,11 @@ def luhn_valid(number: str) -> bool:
     """True when ``number`` is ASCII digits that pass the Luhn (mod 10) check."""
     if not (number.isascii() and number.isdigit()):
         return False
-    digits = number.encode("ascii")
+    return _luhn_digits(number.encode("ascii"))
+
+
+def _luhn_digits(digits: bytes) -> bool:
+    """The Luhn check of ASCII digits (the caller has checked that they are digits)."""
     kept = digits[-1::-2]
     doubled = digits[-2::-2].translate(_LUHN_DOUBLED)
     return (sum(kept) + sum(doubled) - 48 * len(digits)) % 10 == 0
@@ -103,6 +108,19 @@ def _brand_of(bin6: str) -> _Brand | None:
     return None
 
 
+def _brand_for(pan: str, digits: bytes) -> _Brand:
+    """The brand of a PAN of 12-19 digits (``digits``: the same as ASCII), after the Luhn
+    check and the brand's lengths; else the contract's card error."""
+    if not _luhn_digits(digits):
+        raise CardError(code="card_number_invalid")
+    brand = _brand_of(pan[:6])
+    if brand is None:
+        raise CardError(code="card_brand_unsupported")
+    if len(pan) not in brand.lengths:
+        raise CardError(code="card_number_invalid")
+    return brand
+
+
 def _parse_expiry(text: str) -> tuple[int, int]:
     month_s, sep, year_s = text.partition("/")
     if (
@@ -112,11 +130,32 @@ def _parse_expiry(text: str) -> tuple[int, int]:
         or not set(month_s + year_s) <= _DIGITS
     ):
         raise CardError("The card's expiry date is invalid.", code="card_expired")
-    month = int(month_s)
-    year = int(year_s) + (2000 if len(year_s) == 2 else 0)
+    return int(month_s), int(year_s) + (2000 if len(year_s) == 2 else 0)
+
+
+# The current month as year * 12 + month - 1, and the time.time() at which it ends.
+_this_month: tuple[int, float] = (0, 0.0)
+
+
+def _month_now() -> int:
+    """The current UTC month as ``year * 12 + month - 1`` (computed once a month)."""
+    global _this_month
+    now = time.time()
+    if now >= _this_month[1]:
+        today = datetime.fromtimestamp(now, UTC)
+        month = today.year * 12 + today.month - 1
+        ends = datetime(month // 12 + (month % 12 == 11), (month + 1) % 12 + 1, 1, tzinfo=UTC)
+        _this_month = (month, ends.timestamp())
+    return _this_month[0]
+
+
+def _check_expiry(month: int, year: int, now: datetime | None) -> None:
+    """``card_expired`` for a month outside 1-12 or a card whose month has ended."""
     if not 1 <= month <= 12:
         raise CardError("The card's expiry date is invalid.", code="card_expired")
-    return month, year
+    current = _month_now() if now is None else now.year * 12 + now.month - 1
+    if year * 12 + month - 1 < current:
+        raise CardError(code="card_expired")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,25 +199,38 @@ class Card:
         now: datetime | None = None,
     ) -> None:
         pan = card_number.replace(" ", "").replace("-", "")
-        if not pan or not set(pan) <= _DIGITS or not 12 <= len(pan) <= 19 or not luhn_valid(pan):
+        if not pan or not set(pan) <= _DIGITS or not 12 <= len(pan) <= 19:
             raise CardError(code="card_number_invalid")
-        brand = _brand_of(pan[:6])
-        if brand is None:
-            raise CardError(code="card_brand_unsupported")
-        if len(pan) not in brand.lengths:
-            raise CardError(code="card_number_invalid")
+        brand = _brand_for(pan, pan.encode("ascii"))
         month, year = _parse_expiry(expiry_date)
-        today = now if now is not None else datetime.now(UTC)
-        if (year, month) < (today.year, today.month):
-            raise CardError(code="card_expired")
+        _check_expiry(month, year, now)
         if len(cvv) != brand.cvv_length or not set(cvv) <= _DIGITS:
             raise CardError(code="card_cvv_invalid")
+        self._set(pan, cvv, brand, month, year, cardholder_name)
+
+    def _set(self, pan: str, cvv: str, brand: _Brand, month: int, year: int,
+             cardholder_name: str | None) -> None:
         self._pan = pan
         self._cvv = cvv
         self.brand = brand.name
         self.exp_month = month
         self.exp_year = year
         self.cardholder_name = cardholder_name
+
+    @classmethod
+    def _from_canonical(cls, number: bytes, cvv: bytes, month: bytes, year: bytes,
+                        now: datetime | None) -> Card:
+        """``__init__``'s checks, in its order, for fields ``_CANONICAL_CARD`` has already
+        found to be digits of the right lengths (the card JSON of every cardseal client)."""
+        pan = number.decode("ascii")
+        brand = _brand_for(pan, number)
+        month_n, year_n = int(month), int(year)
+        _check_expiry(month_n, year_n, now)
+        if len(cvv) != brand.cvv_length:
+            raise CardError(code="card_cvv_invalid")
+        card = cls.__new__(cls)
+        card._set(pan, cvv.decode("ascii"), brand, month_n, year_n, None)
+        return card
 
     @classmethod
     def parse(cls, value: object, *, now: datetime | None = None) -> Card:
@@ -206,8 +258,8 @@ class Card:
         """Parse card JSON (at most ``MAX_CARD_JSON_BYTES``); see ``parse`` for the errors."""
         canonical = _CANONICAL_CARD.fullmatch(data) if isinstance(data, bytes) else None
         if canonical is not None:  # what ``to_json`` writes: no parser needed for these bytes
-            number, cvv, expiry = (part.decode("ascii") for part in canonical.groups())
-            return cls(card_number=number, expiry_date=expiry, cvv=cvv, now=now)
+            number, cvv, month, year = canonical.groups()
+            return cls._from_canonical(number, cvv, month, year, now)
         try:
             value = loads_strict(data, max_bytes=MAX_CARD_JSON_BYTES, max_depth=2)
         except ValueError as err:

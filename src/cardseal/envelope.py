@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -59,7 +58,6 @@ _TAG_BYTES: Final = 16
 _HEADER_MEMBERS: Final = frozenset({"alg", "enc", "kid", "jti"})
 _PROTECTED_HEAD: Final = b'{"alg":"kms","enc":"A256GCM","jti":'
 _MAX_WRAPPED_TEXTS: Final = 1024
-_PLAIN_JSON_TEXT: Final = re.compile(rb'[^"\\\x00-\x1f]*')  # a JSON string's inside, no escapes
 
 # Data-key reuse on the sealing side. Defaults: 1,000 tokens or 5 minutes, whichever first:
 # KMS cost falls to 1/1,000 per token while one data key never protects more than 1,000 cards
@@ -138,7 +136,7 @@ class EnvelopeSealer:
         self._live: dict[tuple[tuple[str, str], ...], _LiveDataKey] = {}
         self._lock = threading.Lock()
         self._header_head = _PROTECTED_HEAD.decode()
-        self._header_tail = ',"kid":' + encode_basestring(key_uri) + "}"
+        self._header_tail = _kid_tail(key_uri).decode()
 
     def _data_key(self, context: Mapping[str, str]) -> _LiveDataKey:
         slot = tuple(sorted(context.items()))
@@ -224,31 +222,24 @@ class EnvelopeOpener:
             raise DecryptionError(code="meta_data_malformed")
         try:
             protected = b64url_decode(parts[0])
-            header = _canonical_header(protected, jti)
-            if header is None:  # not in our own serialization: the strict parser decides
-                header = loads_strict(protected, max_bytes=_MAX_PROTECTED_BYTES, max_depth=1)
             wrapped = self._wrapped.get(parts[1])
             if wrapped is None:
                 wrapped = b64url_decode(parts[1])
-            iv, ciphertext, tag = (b64url_decode(p) for p in parts[2:])
+            iv = b64url_decode(parts[2])
+            ciphertext = b64url_decode(parts[3])
+            tag = b64url_decode(parts[4])
         except ValueError:
             raise DecryptionError(code="meta_data_malformed") from None
         if (
-            not isinstance(header, dict)
-            or header.keys() != _HEADER_MEMBERS
-            or header["alg"] != "kms"
-            or header["enc"] != "A256GCM"
-            or not isinstance(header["kid"], str)
-            or not isinstance(header["jti"], str)
-            or not 0 < len(wrapped) <= _MAX_WRAPPED_KEY_BYTES
+            not 0 < len(wrapped) <= _MAX_WRAPPED_KEY_BYTES
             or len(iv) != _IV_BYTES
             or len(tag) != _TAG_BYTES
             or len(ciphertext) > _MAX_CIPHERTEXT_BYTES
         ):
             raise DecryptionError(code="meta_data_malformed")
-        kid = _allowed(self._providers, header["kid"], allowed_keys)
-        if header["jti"] != jti:  # moved from another token
-            raise DecryptionError(code="decryption_failed")
+        kid = _canonical_kid(protected, jti, allowed_keys)
+        if kid is None:  # not in our own serialization: the strict parser decides
+            kid = _parsed_kid(self._providers, protected, jti, allowed_keys)
         aead = self._unwrap(kid, wrapped, iss, aud, allow_remote)
         if len(self._wrapped) >= _MAX_WRAPPED_TEXTS:
             self._wrapped.clear()
@@ -335,26 +326,60 @@ class _TtlCache(Generic[_K, _V]):
         return len(self._entries)
 
 
-def _canonical_header(protected: bytes, jti: str) -> dict[str, str] | None:
-    """The protected header if it is byte for byte what ``EnvelopeSealer`` writes for this
-    ``jti`` (``dumps_compact``: sorted keys, no spaces) with a plain ``kid``; else None.
+def _kid_tail(key_uri: str) -> bytes:
+    """The end of a protected header naming ``key_uri``, as ``EnvelopeSealer`` writes it."""
+    tail = _KID_TAILS.get(key_uri)
+    if tail is None:
+        if len(_KID_TAILS) >= _MAX_WRAPPED_TEXTS:
+            _KID_TAILS.clear()
+        tail = _KID_TAILS[key_uri] = (',"kid":' + encode_basestring(key_uri) + "}").encode()
+    return tail
 
-    Such bytes are valid JSON with exactly these members, so ``loads_strict`` would return the
-    same mapping; this only spares the parse. A ``kid`` holding a quote, a backslash or a
-    control character, another ``jti`` or any other layout goes to the strict parser.
+
+_KID_TAILS: dict[str, bytes] = {}
+
+
+def _canonical_kid(protected: bytes, jti: str, allowed_keys: Sequence[str]) -> str | None:
+    """The allowed key ``protected`` names if it is byte for byte the header ``EnvelopeSealer``
+    writes for this ``jti`` and that key (``dumps_compact``: sorted keys, no spaces); else
+    None, and the strict parser decides (``_parsed_kid``).
+
+    Such bytes are JSON with exactly the four members, ``alg`` kms, ``enc`` A256GCM, this
+    ``jti`` and an allowed ``kid``: what ``_parsed_kid`` would accept and return. This only
+    spares the parse.
     """
-    if len(protected) > _MAX_PROTECTED_BYTES or not protected.endswith(b'"}'):
-        return None
-    head = _PROTECTED_HEAD + encode_basestring(jti).encode() + b',"kid":"'
-    if not protected.startswith(head):
-        return None
-    kid = protected[len(head):-2]
-    if _PLAIN_JSON_TEXT.fullmatch(kid) is None:
-        return None
+    head = _PROTECTED_HEAD + encode_basestring(jti).encode()
+    if protected.startswith(head):
+        tail = protected[len(head):]
+        for key_uri in allowed_keys:
+            if tail == _kid_tail(key_uri):
+                return key_uri
+    return None
+
+
+def _parsed_kid(
+    providers: KeyProviders, protected: bytes, jti: str, allowed_keys: Sequence[str]
+) -> str:
+    """The canonical URI of the allowed key a protected header names, by the strict parser;
+    ``meta_data_malformed`` for any other header, ``kms_key_not_allowed`` for a key the issuer
+    does not allow, ``decryption_failed`` for another token's ``jti``."""
     try:
-        return {"alg": "kms", "enc": "A256GCM", "jti": jti, "kid": kid.decode("utf-8")}
-    except UnicodeDecodeError:
-        return None
+        header = loads_strict(protected, max_bytes=_MAX_PROTECTED_BYTES, max_depth=1)
+    except ValueError:
+        raise DecryptionError(code="meta_data_malformed") from None
+    if (
+        not isinstance(header, dict)
+        or header.keys() != _HEADER_MEMBERS
+        or header["alg"] != "kms"
+        or header["enc"] != "A256GCM"
+        or not isinstance(header["kid"], str)
+        or not isinstance(header["jti"], str)
+    ):
+        raise DecryptionError(code="meta_data_malformed")
+    kid = _allowed(providers, header["kid"], allowed_keys)
+    if header["jti"] != jti:  # moved from another token
+        raise DecryptionError(code="decryption_failed")
+    return kid
 
 
 def _allowed(providers: KeyProviders, kid: str, allowed_keys: Sequence[str]) -> str:

@@ -335,3 +335,44 @@ def test_the_canonical_card_shortcut_agrees_with_the_parser(
     now = datetime(2026, 11, 29, tzinfo=UTC)
     assert _outcome(lambda: Card.from_json(data, now=now)) == _outcome(
         lambda: Card.parse(json.loads(data), now=now))
+
+
+# -- the canonical shortcut of from_json: the constructor's outcome, without the parser --------
+
+
+def _outcome(build: Callable[[], Card]) -> object:
+    try:
+        card = build()
+    except CardError as err:
+        return err.code
+    return (card.brand, card.masked, card.exp_month, card.exp_year, card.pan, card.cvv)
+
+
+@given(pan=st.text("0123456789", min_size=12, max_size=19) | st.sampled_from(
+           [luhn_complete(p, n) for p in ("4", "51", "34", "6011", "62", "2221")
+            for n in (13, 15, 16, 19)]),
+       cvv=st.text("0123456789", min_size=3, max_size=4),
+       month=st.integers(0, 19), year=st.integers(2020, 2035))
+def test_the_canonical_card_json_shortcut_agrees_with_the_constructor(
+    pan: str, cvv: str, month: int, year: int
+) -> None:
+    expiry = f"{month:02d}/{year}"
+    data = dumps_compact({"card_number": pan, "cvv": cvv, "expiry_date": expiry})
+    assert _outcome(lambda: Card.from_json(data, now=NOW)) == _outcome(
+        lambda: Card(card_number=pan, expiry_date=expiry, cvv=cvv, now=NOW))
+
+
+def test_the_current_month_turns_at_midnight_utc(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cardseal.card as card_module
+
+    pan = SAMPLE_PANS["visa"]
+    last_second = datetime(2027, 3, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+    monkeypatch.setattr(card_module, "_this_month", (0, 0.0))  # nothing cached
+    monkeypatch.setattr(card_module.time, "time", lambda: last_second)
+    assert make(pan, expiry="03/2027", now=None).exp_month == 3  # valid through March
+    monkeypatch.setattr(card_module.time, "time", lambda: last_second + 1)  # April 1st
+    assert card_error(pan, expiry="03/2027", now=None) == "card_expired"
+    assert make(pan, expiry="04/2027", now=None).exp_month == 4
+    monkeypatch.setattr(card_module.time, "time", lambda: last_second - 86400 * 31)  # Feb
+    monkeypatch.setattr(card_module, "_this_month", (0, 0.0))
+    assert make(pan, expiry="02/2027", now=None).exp_year == 2027

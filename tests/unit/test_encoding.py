@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from cardseal import _encoding
 from cardseal._encoding import (
     MAX_JSON_DEPTH,
     b64_decode_lenient_alphabet,
@@ -19,8 +25,8 @@ from cardseal._encoding import (
 # -- strict base64url -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", range(40))
-def test_b64url_round_trip(size: int) -> None:
+@pytest.mark.parametrize("size", [*range(40), *range(185, 200), 480, 1000])
+def test_b64url_round_trip(size: int) -> None:  # both sides of _PYBASE64_FROM
     data = os.urandom(size)
     text = b64url_encode(data)
     assert "=" not in text
@@ -43,9 +49,11 @@ def test_b64url_known_answers(text: str, data: bytes) -> None:
         "QR", "QZ", "QUJ", "QUL", "-_9",  # non-zero unused trailing bits
     ],
 )
-def test_b64url_rejects(text: str) -> None:
+@pytest.mark.parametrize("prefix", ["", "AAAA" * 64], ids=["short", "long"])
+def test_b64url_rejects(text: str, prefix: str) -> None:
+    # "long": past _PYBASE64_FROM, where pybase64 decodes; the same texts are refused there.
     with pytest.raises(ValueError, match="base64url"):
-        b64url_decode(text)
+        b64url_decode(prefix + text)
 
 
 def test_b64url_has_one_encoding_per_byte_string() -> None:
@@ -148,11 +156,75 @@ def test_brackets_inside_strings_do_not_count_as_depth() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ['{"a": 1, "a": 1}', '{"a": 1, "b": {"c": 1, "c": 2}}', '[{"x": 0, "x": 0}]']
+    "text", ['{"a": 1, "a": 1}', '{"a": 1, "b": {"c": 1, "c": 2}}', '[{"x": 0, "x": 0}]',
+             '{"a":1,"a":1}', '{"a":1,"b":{"c":1,"c":2}}', '[{"x":0,"x":0}]',  # compact
+             '{"iss":"x","aud":"y","iss":"x"}', '{"a":{},"a":{}}']
 )
 def test_duplicate_members(text: str) -> None:
     with pytest.raises(ValueError, match="duplicate"):
         loads_strict(text, max_bytes=1000)
+
+
+# -- the orjson fast path: equal to the standard parser, or not taken ----------------------------
+
+_JSON_SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+                 | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8))
+_JSON_VALUES = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=4),
+    max_leaves=12,
+)
+
+
+def _standard(raw: bytes, max_depth: int) -> Any:
+    try:
+        return ("ok", _encoding._loads_standard(raw, max_depth))
+    except (ValueError, RecursionError) as err:
+        return ("error", type(err).__name__)
+
+
+def _strict(raw: bytes, max_depth: int) -> Any:
+    try:
+        return ("ok", loads_strict(raw, max_bytes=10_000, max_depth=max_depth))
+    except ValueError as err:
+        return ("error", type(err).__name__)
+
+
+@given(value=_JSON_VALUES, depth=st.integers(1, 8), how=st.sampled_from(["orjson", "json"]))
+def test_the_fast_path_agrees_with_the_standard_parser(value: Any, depth: int, how: str) -> None:
+    try:
+        raw = (orjson.dumps(value) if how == "orjson"
+               else json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    except (TypeError, orjson.JSONEncodeError, UnicodeEncodeError):  # too big, surrogates
+        return
+    assert _strict(raw, depth) == _standard(raw, depth)
+
+
+@given(text=st.text(alphabet='{}[]":,01-.eE\\ntrufalsu"ab ', max_size=40),
+       depth=st.integers(1, 8))
+def test_the_fast_path_never_accepts_what_the_standard_parser_refuses(text: str,
+                                                                      depth: int) -> None:
+    raw = text.encode()
+    assert _strict(raw, depth) == _standard(raw, depth)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"a":1,"a":2}', b'{"a":{"b":1,"b":1}}', b'{"a":"\\ud800"}', b'{"a":"\\u0041"}',
+    b'{"a":1.0e1}', b'{"a":-0}', b'{"a":' + b"9" * 21 + b"}", b'{"a":NaN}', b'{"a":1e400}',
+    b'\xef\xbb\xbf{"a":1}', b'{"a":"\xff"}', b'{"a":[[[[[[[[[1]]]]]]]]]}',
+])
+def test_the_fast_path_leaves_every_doubtful_text_to_the_standard_parser(raw: bytes) -> None:
+    assert _strict(raw, 8) == _standard(raw, 8)
+
+
+def test_compact_json_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(raw: bytes, max_depth: int) -> Any:
+        raise AssertionError("the standard parser was used")
+
+    monkeypatch.setattr(_encoding, "_loads_standard", refuse)
+    claims = b'{"iss":"a","aud":["b"],"iat":1,"exp":2,"jti":"j","payment":{"amount":5}}'
+    assert loads_strict(claims, max_bytes=1000, max_depth=4)["payment"] == {"amount": 5}
 
 
 @pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", '{"a": NaN}', "[Infinity]"])
