@@ -25,8 +25,8 @@ from cardseal._encoding import (
 # -- strict base64url -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [*range(40), *range(185, 200), 480, 1000])
-def test_b64url_round_trip(size: int) -> None:  # both sides of _PYBASE64_FROM
+@pytest.mark.parametrize("size", [*range(40), 480, 1000])
+def test_b64url_round_trip(size: int) -> None:
     data = os.urandom(size)
     text = b64url_encode(data)
     assert "=" not in text
@@ -51,7 +51,6 @@ def test_b64url_known_answers(text: str, data: bytes) -> None:
 )
 @pytest.mark.parametrize("prefix", ["", "AAAA" * 64], ids=["short", "long"])
 def test_b64url_rejects(text: str, prefix: str) -> None:
-    # "long": past _PYBASE64_FROM, where pybase64 decodes; the same texts are refused there.
     with pytest.raises(ValueError, match="base64url"):
         b64url_decode(prefix + text)
 
