@@ -11,8 +11,9 @@ separate process), interleaved: run i of every server back to back, so that load
 on this shared machine falls on all of them alike. Tokens are sealed before each timed
 run, one per request (single use): cardseal's by ``cardseal.config.build_sealer`` in two
 helper processes (each body once); the floor's are cardseal tokens of the same size with a
-one-hour lifetime (the floor does not enforce single use, and gets distinct tokens per run
-anyway); the seed's are made by the seed's client (KMS Encrypt each). How the requests spread
+one-hour lifetime, and the seed's are made by the seed's client (KMS Encrypt each), both from a
+pool made once and handed out in turn, round and round (neither enforces single use, and
+neither caches anything by token, so a body sent twice costs what a new one would). How the requests spread
 over the workers comes from the gateway's own Prometheus files (``counter_<pid>.db``, one per
 worker) and from the shells' ``x-bench-pid`` header; CPU per process from ``/proc``.
 """
@@ -101,14 +102,14 @@ class CardsealTokens:
 
 
 class Rotation:
-    """A fixed pool of bodies handed out in turn (for servers without single use)."""
+    """A fixed pool of bodies handed out in turn, round and round (for servers without single
+    use): a run never runs out of requests, however fast the server."""
 
     def __init__(self, bodies: list[bytes]) -> None:
         self._bodies = bodies
         self._next = 0
 
     def take(self, count: int) -> list[bytes]:
-        count = min(count, len(self._bodies))
         taken = [self._bodies[(self._next + i) % len(self._bodies)] for i in range(count)]
         self._next = (self._next + count) % len(self._bodies)
         return taken
