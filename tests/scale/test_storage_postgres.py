@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy import event
 
 from cardseal.errors import StorageError, TokenError
 from cardseal.storage.migrate import upgrade
@@ -162,5 +163,23 @@ def test_the_payment_path_statements_each_stand_alone(postgres: PostgresServer) 
         assert store.engine is not None
         async with store.engine.connect() as conn:
             assert (await conn.get_raw_connection()).driver_connection.autocommit is False
+
+    run(postgres, scenario)
+
+
+def test_a_burst_waits_for_the_pools_connections_instead_of_opening_more(
+    postgres: PostgresServer,
+) -> None:
+    # Connections opened past the pool's size were closed when they came back, so a burst
+    # connected and disconnected all the time (at 32 payments at once: half the rate).
+    async def scenario(store: SqlStore, faults: LostCommitAnswers) -> None:
+        connects = []
+        assert store.engine is not None
+        event.listen(store.engine.sync_engine, "connect", lambda *_: connects.append(1))
+        expires = int(time.time()) + 60
+        ids = await asyncio.gather(*(store.reserve_token(replay_id("payment-service", f"b-{i}"),
+                                                         expires) for i in range(40)))
+        assert len(set(ids)) == 40  # every reservation went in
+        assert len(connects) <= 2  # pool_size=2, and no connection beyond it
 
     run(postgres, scenario)
