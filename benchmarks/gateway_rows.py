@@ -13,9 +13,10 @@ run, one per request (single use): cardseal's by ``cardseal.config.build_sealer`
 helper processes (each body once); the floor's are cardseal tokens of the same size with a
 one-hour lifetime, and the seed's are made by the seed's client (KMS Encrypt each), both from a
 pool made once and handed out in turn, round and round (neither enforces single use, and
-neither caches anything by token, so a body sent twice costs what a new one would). How the requests spread
-over the workers comes from the gateway's own Prometheus files (``counter_<pid>.db``, one per
-worker) and from the shells' ``x-bench-pid`` header; CPU per process from ``/proc``.
+neither caches anything by token, so a body sent twice costs what a new one would). How the
+requests spread over the workers comes from the gateway's own Prometheus files
+(``counter_<pid>.db``, one per worker) and from the shells' ``x-bench-pid`` header; CPU per
+process from ``/proc``.
 """
 
 from __future__ import annotations
