@@ -48,7 +48,7 @@ EXPIRY = "12/2030"
 AMOUNT = 1999
 REGION = "us-east-1"
 ERROR_EXTRAS = {"decline_code", "payment_id"}
-PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
+PAYMENT_ID = re.compile(r"pay_[0-9a-f]{36}")
 
 
 # -- a gateway home ----------------------------------------------------------------------------

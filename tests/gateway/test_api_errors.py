@@ -59,7 +59,7 @@ from tests.gateway.conftest import (
 ERROR_EXTRAS = {"decline_code", "payment_id"}
 PAYMENT_KEYS = {"id", "status", "amount", "currency", "reference", "card", "issuer", "created_at"}
 CARD_KEYS = {"brand", "last4", "masked", "exp_month", "exp_year", "fingerprint"}
-PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
+PAYMENT_ID = re.compile(r"pay_[0-9a-f]{36}")
 CREATED_AT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 
 

@@ -1,18 +1,24 @@
-"""Payment ids: 96 random bits each, from a pool of os.urandom output that no two ids (nor
-two processes) share."""
+"""Payment ids: the time in milliseconds, then 96 random bits from a pool of os.urandom output
+that no two ids (nor two processes) share."""
 
 from __future__ import annotations
 
 import os
 import re
+import time
 
 from cardseal.storage.sql import _RandomPool, new_payment_id
 
 
-def test_payment_ids_are_distinct_96_bit_hex() -> None:
+def test_payment_ids_are_distinct_and_in_time_order() -> None:
+    before = time.time_ns() // 1_000_000
     ids = [new_payment_id() for _ in range(5000)]  # more than one 4 KiB draw
-    assert all(re.fullmatch(r"pay_[0-9a-f]{24}", i) for i in ids)
+    after = time.time_ns() // 1_000_000
+    assert all(re.fullmatch(r"pay_[0-9a-f]{36}", i) for i in ids)
     assert len(set(ids)) == len(ids)
+    assert len(ids[0]) == 40  # the column's size
+    stamps = [int(i[4:16], 16) for i in ids]
+    assert before <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= after
 
 
 def test_the_pool_hands_out_each_byte_once() -> None:
