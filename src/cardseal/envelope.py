@@ -326,17 +326,19 @@ class _TtlCache(Generic[_K, _V]):
         return len(self._entries)
 
 
+# The end of a protected header for each key URI (a handful: the issuers' allowed keys).
+_KID_TAILS: dict[str, bytes] = {}
+_MAX_KID_TAILS: Final = 256
+
+
 def _kid_tail(key_uri: str) -> bytes:
     """The end of a protected header naming ``key_uri``, as ``EnvelopeSealer`` writes it."""
     tail = _KID_TAILS.get(key_uri)
     if tail is None:
-        if len(_KID_TAILS) >= _MAX_WRAPPED_TEXTS:
+        if len(_KID_TAILS) >= _MAX_KID_TAILS:
             _KID_TAILS.clear()
         tail = _KID_TAILS[key_uri] = (',"kid":' + encode_basestring(key_uri) + "}").encode()
     return tail
-
-
-_KID_TAILS: dict[str, bytes] = {}
 
 
 def _canonical_kid(protected: bytes, jti: str, allowed_keys: Sequence[str]) -> str | None:
@@ -344,12 +346,12 @@ def _canonical_kid(protected: bytes, jti: str, allowed_keys: Sequence[str]) -> s
     writes for this ``jti`` and that key (``dumps_compact``: sorted keys, no spaces); else
     None, and the strict parser decides (``_parsed_kid``).
 
-    Such bytes are JSON with exactly the four members, ``alg`` kms, ``enc`` A256GCM, this
-    ``jti`` and an allowed ``kid``: what ``_parsed_kid`` would accept and return. This only
-    spares the parse.
+    Such bytes, within ``_MAX_PROTECTED_BYTES``, are JSON with exactly the four members,
+    ``alg`` kms, ``enc`` A256GCM, this ``jti`` and an allowed ``kid``: what ``_parsed_kid``
+    would accept and return. This only spares the parse.
     """
     head = _PROTECTED_HEAD + encode_basestring(jti).encode()
-    if protected.startswith(head):
+    if len(protected) <= _MAX_PROTECTED_BYTES and protected.startswith(head):
         tail = protected[len(head):]
         for key_uri in allowed_keys:
             if tail == _kid_tail(key_uri):
