@@ -92,10 +92,10 @@ def new_payment_id() -> str:
     """``pay_``, the time in milliseconds since 1970 (12 hex digits, good until 10889) and 96
     random bits in hex.
 
-    Ids in time order land where the last ones did in the payments' primary-key index (and
-    in ``used_tokens``' payment ids), so a batch of inserts writes the same few pages instead
-    of a random page each: SQLite's commit writes every changed page to its WAL (measured
-    here: 10 random keys per commit 0.40 ms, 10 in order 0.13 ms)."""
+    Ids in time order land where the last ones did in the payments' primary-key index, so a
+    batch of inserts writes the same few pages instead of a random page each: SQLite's
+    commit writes every changed page to its WAL (measured here: 10 random keys per commit
+    0.40 ms, 10 in order 0.13 ms)."""
     return "pay_" + f"{time.time_ns() // 1_000_000:012x}" + _IDS.take(12).hex()
 
 
@@ -361,7 +361,7 @@ class SqlStore:
             # gateway connected and disconnected all the time (at 32 concurrent payments on one
             # worker: ~730/s, most of the event loop in psycopg's connect and close, the
             # database idle); a request now waits its turn for one of the pool's connections
-            # (each held for one statement, ~1 ms), ~1,500/s.
+            # (each held for one statement, 1-2 ms), ~1,500/s.
             engine = create_async_engine(
                 async_url(url), pool_size=pool_size, max_overflow=0,
                 pool_timeout=5.0, connect_args={"connect_timeout": 5})
