@@ -350,8 +350,13 @@ def _canonical_kid(protected: bytes, jti: str, allowed_keys: Sequence[str]) -> s
     ``alg`` kms, ``enc`` A256GCM, this ``jti`` and an allowed ``kid``: what ``_parsed_kid``
     would accept and return. This only spares the parse.
     """
-    head = _PROTECTED_HEAD + encode_basestring(jti).encode()
-    if len(protected) <= _MAX_PROTECTED_BYTES and protected.startswith(head):
+    if len(protected) > _MAX_PROTECTED_BYTES:
+        return None
+    try:
+        head = _PROTECTED_HEAD + encode_basestring(jti).encode()
+    except UnicodeEncodeError:  # a lone surrogate: in no header; the parser refuses it
+        return None
+    if protected.startswith(head):
         tail = protected[len(head):]
         for key_uri in allowed_keys:
             if tail == _kid_tail(key_uri):

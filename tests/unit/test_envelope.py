@@ -370,3 +370,15 @@ def test_the_canonical_header_shortcut_never_accepts_what_the_parser_refuses(
     fast = _canonical_kid(raw, jti, ("local://x", kid))
     if fast is not None:
         assert _parsed_kid(KeyProviders(), raw, jti, ("local://x", kid)) == fast
+
+
+@pytest.mark.parametrize("jti", ["\ud800", "jti-\udfff-0123456789", "\ud83d"])
+def test_a_jti_no_encoder_can_write_is_refused_not_raised(
+    sealer: EnvelopeSealer, opener: EnvelopeOpener, jti: str
+) -> None:
+    # Found by fuzz/run.py: the shortcut encoded the jti before anything else, and a lone
+    # surrogate (no verified token carries one, but open() takes any str) raised
+    # UnicodeEncodeError out of open().
+    meta_data = sealer.seal(CARD, iss=ISS, aud=AUD, jti=JTI)
+    assert open_code(opener, meta_data, jti=jti) == "decryption_failed"
+    assert _canonical_kid(b'{"alg":"kms"}', jti, (MAIN,)) is None
