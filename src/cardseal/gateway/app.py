@@ -35,6 +35,7 @@ from cardseal.config import (
     fingerprint_secret,
 )
 from cardseal.errors import CardsealError, RequestError, StorageError
+from cardseal.gateway.heap import trim_heap_forever
 from cardseal.gateway.metrics import Metrics
 from cardseal.gateway.payments import Outcome, PaymentService, error_outcome
 from cardseal.gateway.schemas import ErrorBody, HealthOut, PaymentOut, PaymentRequest
@@ -256,13 +257,15 @@ def create_app(
         gc.collect()
         gc.freeze()
         _log.info("gateway_started", issuers=[p.iss for p in policies])
-        purger = asyncio.get_running_loop().create_task(purge_expired())
+        loop = asyncio.get_running_loop()
+        background = [loop.create_task(purge_expired()), loop.create_task(trim_heap_forever())]
         try:
             yield
         finally:
-            purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purger
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await service.close()
             await replay.close()
             await store.close()
