@@ -159,7 +159,9 @@ def test_the_payment_path_statements_each_stand_alone(postgres: PostgresServer) 
         other_id = new_payment_id()
         await store.record_payment(payment_row(other_id, elsewhere))
         assert (await store.get_payment(other_id, "payment-service")) is not None
-        # The connections went back to the pool out of autocommit, as SQLAlchemy expects them.
+        # All on the payment path's own connections, in autocommit; SQLAlchemy's pool served
+        # only the release.
+        assert store._drivers is not None and store._drivers.connects == 1
         assert store.engine is not None
         async with store.engine.connect() as conn:
             assert (await conn.get_raw_connection()).driver_connection.autocommit is False
@@ -174,12 +176,38 @@ def test_a_burst_waits_for_the_pools_connections_instead_of_opening_more(
     # connected and disconnected all the time (at 32 payments at once: half the rate).
     async def scenario(store: SqlStore, faults: LostCommitAnswers) -> None:
         connects = []
-        assert store.engine is not None
+        assert store.engine is not None and store._drivers is not None
         event.listen(store.engine.sync_engine, "connect", lambda *_: connects.append(1))
         expires = int(time.time()) + 60
         ids = await asyncio.gather(*(store.reserve_token(replay_id("payment-service", f"b-{i}"),
                                                          expires) for i in range(40)))
         assert len(set(ids)) == 40  # every reservation went in
-        assert len(connects) <= 2  # pool_size=2, and no connection beyond it
+        assert store._drivers.connects <= 2  # pool_size=2, and no connection beyond it
+        assert connects == []  # nor any through SQLAlchemy's pool
+
+    run(postgres, scenario)
+
+
+def test_a_disconnect_seen_by_sqlalchemy_retires_the_payment_paths_connections(
+    postgres: PostgresServer,
+) -> None:
+    """Both pools lose their sessions at once when the server goes away; whichever finds out
+    first, the other does not hand out a dead session afterwards."""
+
+    async def scenario(store: SqlStore, _faults: LostCommitAnswers) -> None:
+        assert store._drivers is not None and store.engine is not None
+        expires = int(time.time()) + 60
+        first, second = replay_id("payment-service", "d-1"), replay_id("payment-service", "d-2")
+        await store.reserve_token(first, expires)  # a session in each pool, idle after
+        await store.release_token(first)
+        assert store._drivers.connects == 1
+        with postgres.admin() as admin:  # the server ends every session (a failover)
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s AND pid <> pg_backend_pid()",
+                          (store.engine.url.database,))
+        with pytest.raises(StorageError):  # SQLAlchemy's pool finds out first
+            await store.release_token(first)
+        await store.reserve_token(second, expires)  # not on the dead session: it pays
+        assert store._drivers.connects == 2
 
     run(postgres, scenario)

@@ -52,8 +52,9 @@ from cardseal.storage.sqlite_writer import (
 )
 
 if TYPE_CHECKING:  # imported where PostgreSQL is used: a SQLite worker never loads them
-    import psycopg
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from cardseal.storage.pg_pool import DriverPool
 
 _T = TypeVar("_T")
 
@@ -132,6 +133,10 @@ def _driver(conn: Connection) -> Any:
     """The sqlite3 connection under ``conn``."""
     return conn.connection.driver_connection
 
+
+_POOL_TIMEOUT: Final = 5.0
+"""Seconds a request waits for a PostgreSQL connection when all are in use."""
+_CONNECT_TIMEOUT: Final = 5
 
 _SQLITE_MAX_PARAMS: Final = 999  # SQLite's default limit before 3.32
 
@@ -350,26 +355,46 @@ class SqlStore:
             self._sql = _Statements(sqlite_insert, writes.dialect)
         else:
             self._sql = _Statements(pg_insert)
+        self._drivers: DriverPool | None = None
+        if not sqlite:
+            # The payment path's two statements: psycopg connections of their own, in
+            # autocommit (``DriverPool``: SQLAlchemy's asyncio pool cost ~90 us of CPU a
+            # statement more). No overflow in either pool: a connection opened past a pool's
+            # size would be closed as it came back, so a burst would keep connecting and
+            # disconnecting (at 32 concurrent payments on one worker: ~730/s, most of the event
+            # loop in psycopg's connect and close, the database idle); a request waits its turn
+            # for one of the pool's connections instead, each held for one statement.
+            from cardseal.storage.pg_pool import DriverPool
+
+            self._drivers = DriverPool(
+                parsed.set(drivername="postgresql").render_as_string(hide_password=False),
+                size=pool_size, timeout=_POOL_TIMEOUT, connect_timeout=_CONNECT_TIMEOUT)
         if engine is None and not sqlite:
             from sqlalchemy.ext.asyncio import create_async_engine
 
-            # No pre-ping (a round trip per checkout, two per payment): the first query on a
-            # dead connection fails (storage_unavailable, retryable) and SQLAlchemy then
-            # recycles the whole pool, so a failover costs the requests in flight at that
-            # moment, not ~20% of every payment's time. No overflow either: a connection
-            # opened past ``pool_size`` is closed when it comes back, so under a burst the
-            # gateway connected and disconnected all the time (at 32 concurrent payments on one
-            # worker: ~730/s, most of the event loop in psycopg's connect and close, the
-            # database idle); a request now waits its turn for one of the pool's connections
-            # (each held for one statement, 1-2 ms), ~1,500/s.
+            # Everything else, through SQLAlchemy (idempotency keys, giving a token back,
+            # reads): at most half as many connections. No pre-ping (a round trip per
+            # checkout): the first query on a dead connection fails (storage_unavailable,
+            # retryable) and SQLAlchemy then recycles the whole pool.
             engine = create_async_engine(
-                async_url(url), pool_size=pool_size, max_overflow=0,
-                pool_timeout=5.0, connect_args={"connect_timeout": 5})
+                async_url(url), pool_size=max(2, pool_size // 2), max_overflow=0,
+                pool_timeout=_POOL_TIMEOUT, connect_args={"connect_timeout": _CONNECT_TIMEOUT})
         self.engine = engine
         if engine is not None and not sqlite:
             self._sql.for_driver(engine.dialect)
+            drivers = self._drivers
+
+            def disconnected(context: Any) -> None:
+                # The server went away under SQLAlchemy's pool, or refuses connections: the
+                # payment path's connections went with it (SQLAlchemy recycles its own).
+                if (context.is_disconnect or context.connection is None) and drivers:
+                    drivers.invalidate()
+
+            event.listen(engine.sync_engine, "handle_error", disconnected)
 
     async def close(self) -> None:
+        if self._drivers is not None:
+            await self._drivers.close()
         if self._writer is not None:
             await self._writer.close()
         if self._reader is not None:
@@ -399,32 +424,17 @@ class SqlStore:
         PostgreSQL only (SQLite writes go through its writer)."""
         import psycopg
 
-        if self.engine is None:  # pragma: no cover - a store has a writer or an engine
+        if self._drivers is None:  # pragma: no cover - a PostgreSQL store has one
             raise StorageError()
         try:
-            async with self.engine.connect() as conn:
-                driver: psycopg.AsyncConnection[Any] = (
-                    await conn.get_raw_connection()).driver_connection  # type: ignore[assignment]
-                try:
-                    # Autocommit for these statements only: each is its own transaction, one
-                    # round trip (no BEGIN, no COMMIT). Set on the driver, where it costs no
-                    # round trip; SQLAlchemy's isolation-level option cost ~0.3 ms a payment.
-                    await driver.set_autocommit(True)
-                    try:
-                        for i, (statement, params) in enumerate(steps):
-                            cursor = await driver.execute(statement.sql,
-                                                          {**statement.fixed, **params})
-                            row = await cursor.fetchone()
-                            if row is not None:
-                                return i, row
-                        return None
-                    finally:
-                        await driver.set_autocommit(False)
-                except psycopg.Error:
-                    # SQLAlchemy did not see it fail: drop the connection as it would have.
-                    await conn.invalidate()
-                    raise
-        except (SQLAlchemyError, psycopg.Error, OSError, TimeoutError) as err:
+            async with self._drivers.connection() as driver:
+                for i, (statement, params) in enumerate(steps):
+                    cursor = await driver.execute(statement.sql, {**statement.fixed, **params})
+                    row = await cursor.fetchone()
+                    if row is not None:
+                        return i, row
+                return None
+        except (psycopg.Error, OSError, TimeoutError) as err:
             raise StorageError() from err
 
     def _pg_statements(self) -> tuple[_Compiled, _Compiled, _Compiled]:
