@@ -131,9 +131,11 @@ class DriverPool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            if handed is not None:
+            if handed is not None and self._born.get(id(handed)) == self._generation:
                 return handed
-            # None: a connection was closed, so this request may open one (loop again)
+            if handed is not None:  # invalidated between its hand-over and now
+                await self._discard(handed, flush=False)
+            # A connection was closed, so this request may open one (loop again).
 
     async def _connect(self) -> Connection:
         self._open += 1
