@@ -387,7 +387,7 @@ class SqlStore:
             def disconnected(context: Any) -> None:
                 # The server went away under SQLAlchemy's pool, or refuses connections: the
                 # payment path's connections went with it (SQLAlchemy recycles its own).
-                if (context.is_disconnect or context.connection is None) and drivers:
+                if drivers is not None and (context.is_disconnect or context.connection is None):
                     drivers.invalidate()
 
             event.listen(engine.sync_engine, "handle_error", disconnected)
