@@ -202,6 +202,38 @@ def test_a_request_cancelled_mid_statement_closes_its_connection(url: str) -> No
     run(scenario)
 
 
+def test_a_free_slot_handed_to_a_request_cancelled_meanwhile_goes_to_the_next(url: str) -> None:
+    async def scenario() -> None:
+        pool = pool_for(url, size=1, timeout=2.0)
+        try:
+            release = asyncio.Event()
+
+            async def failing_holder() -> None:
+                async with pool.connection():
+                    await release.wait()
+                    raise RuntimeError("a bug in the block: its connection is closed")
+
+            holder = asyncio.create_task(failing_holder())
+            await asyncio.sleep(0.05)
+            first = asyncio.create_task(backend_pid(pool))
+            second = asyncio.create_task(backend_pid(pool))
+            await asyncio.sleep(0.05)  # both wait for the one connection
+            release.set()
+            await asyncio.sleep(0)  # the holder fails: its slot is handed to ``first``...
+            first.cancel()  # ...which is cancelled before it runs again
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            started = time.monotonic()
+            await second  # the slot went on to the next in line, at once
+            assert time.monotonic() - started < 1.0
+            with pytest.raises(RuntimeError):
+                await holder
+        finally:
+            await pool.close()
+
+    run(scenario)
+
+
 def test_a_closed_pool_hands_out_nothing(url: str) -> None:
     async def scenario() -> None:
         pool = pool_for(url)
