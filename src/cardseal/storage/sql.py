@@ -54,6 +54,7 @@ from cardseal.storage.sqlite_writer import (
 if TYPE_CHECKING:  # imported where PostgreSQL is used: a SQLite worker never loads them
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from cardseal.storage.pg_batches import StatementBatcher
     from cardseal.storage.pg_pool import DriverPool
 
 _T = TypeVar("_T")
@@ -137,6 +138,31 @@ def _driver(conn: Connection) -> Any:
 _POOL_TIMEOUT: Final = 5.0
 """Seconds a request waits for a PostgreSQL connection when all are in use."""
 _CONNECT_TIMEOUT: Final = 5
+
+
+def _multi_row(head: str, columns: int, tail: str) -> Callable[[int], str]:
+    """The text of a statement with ``n`` rows of ``columns`` placeholders between ``head``
+    and ``tail``. Only placeholders and this module's own table and column names are put
+    into the text; every value is bound."""
+    row = "(" + ", ".join(["%s"] * columns) + ")"
+    return lambda n: head + ", ".join([row] * n) + tail
+
+
+# PostgreSQL's payment path, for many payments at once (``StatementBatcher``): the same two
+# statements as ``_Statements.reserve`` and ``record_done``, with rows in the tables' column
+# order and RETURNING what tells each caller whether its row went in.
+_RESERVATIONS_SQL: Final = _multi_row(
+    f"INSERT INTO used_tokens ({', '.join(c.name for c in used_tokens.c)}) VALUES ",  # noqa: S608
+    len(used_tokens.c),
+    " ON CONFLICT DO NOTHING RETURNING used_tokens.replay_id, used_tokens.payment_id")
+_RECORDINGS_SQL: Final = _multi_row(
+    "WITH recorded AS (INSERT INTO payments"  # noqa: S608 - the table's own column names
+    f" ({', '.join(c.name for c in payments.c)}) VALUES ",
+    len(payments.c),
+    " ON CONFLICT DO NOTHING RETURNING payments.id, payments.replay_id),"
+    " marked AS (UPDATE used_tokens SET state = 'done' FROM recorded"
+    " WHERE used_tokens.replay_id = recorded.replay_id)"
+    " SELECT recorded.id FROM recorded")
 
 _SQLITE_MAX_PARAMS: Final = 999  # SQLite's default limit before 3.32
 
@@ -356,6 +382,8 @@ class SqlStore:
         else:
             self._sql = _Statements(pg_insert)
         self._drivers: DriverPool | None = None
+        self._reservations: StatementBatcher | None = None
+        self._recordings: StatementBatcher | None = None
         if not sqlite:
             # The payment path's two statements: psycopg connections of their own, in
             # autocommit (``DriverPool``: SQLAlchemy's asyncio pool cost ~90 us of CPU a
@@ -369,6 +397,12 @@ class SqlStore:
             self._drivers = DriverPool(
                 parsed.set(drivername="postgresql").render_as_string(hide_password=False),
                 size=pool_size, timeout=_POOL_TIMEOUT, connect_timeout=_CONNECT_TIMEOUT)
+            # Concurrent payments' reservations, and their recorded payments, each as one
+            # multi-row statement (``StatementBatcher``).
+            from cardseal.storage.pg_batches import StatementBatcher
+
+            self._reservations = StatementBatcher(self._drivers, _RESERVATIONS_SQL)
+            self._recordings = StatementBatcher(self._drivers, _RECORDINGS_SQL)
         if engine is None and not sqlite:
             from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -393,6 +427,9 @@ class SqlStore:
             event.listen(engine.sync_engine, "handle_error", disconnected)
 
     async def close(self) -> None:
+        for batcher in (self._reservations, self._recordings):
+            if batcher is not None:
+                await batcher.close()
         if self._drivers is not None:
             await self._drivers.close()
         if self._writer is not None:
@@ -481,20 +518,36 @@ class SqlStore:
 
         try:
             if self._writer is None or self._sql.reservations is None:
-                # Two statements, each atomic: a new reservation, else the taking up again
-                # of one given back (only the purge of expired tokens deletes one).
-                reserve, reserve_released, _ = self._pg_statements()
-                found = await self._first((reserve, params), (reserve_released, {"rid": rid}))
-                if found is None:
-                    raise TokenError(code="token_replayed")
-                step, row = found
-                return payment_id if step == 0 else str(row[0])
+                return await self._reserve_pg(rid, payment_id, params)
             return await self._writer.run_grouped(self._sql.reservations, params)
         except StorageError:
             if not await self._landed(select(used_tokens.c.replay_id).where(
                     used_tokens.c.replay_id == rid, used_tokens.c.payment_id == payment_id)):
                 raise
             return payment_id  # the id is new: the reservation is this request's
+
+    async def _reserve_pg(self, rid: str, payment_id: str, params: dict[str, Any]) -> str:
+        """Two statements, each atomic: a new reservation (with those of concurrent payments),
+        else the taking up again of one given back (only the purge of expired tokens deletes
+        one)."""
+        from cardseal.storage.pg_batches import RunAlone
+
+        if self._reservations is None:  # pragma: no cover - a PostgreSQL store has one
+            raise StorageError()
+        reserve, reserve_released, _ = self._pg_statements()
+        try:
+            taken = await self._reservations.run([params[c.key] for c in used_tokens.c])
+        except RunAlone:  # its batch had a row the server refused: this one alone
+            found = await self._first((reserve, params), (reserve_released, {"rid": rid}))
+        else:
+            if (rid, payment_id) in taken:
+                return payment_id
+            given_back = await self._first((reserve_released, {"rid": rid}))
+            found = None if given_back is None else (1, given_back[1])
+        if found is None:
+            raise TokenError(code="token_replayed")
+        step, row = found
+        return payment_id if step == 0 else str(row[0])
 
     async def release_token(self, rid: str) -> None:
         """Give a reserved token back after a failure worth retrying (KMS, processor down)."""
@@ -514,15 +567,30 @@ class SqlStore:
         """
         try:
             if self._writer is None or self._sql.recordings is None:
-                params = {"new_" + key: value for key, value in row.items()}
-                if await self._first((self._pg_statements()[2], params)) is None:
-                    raise TokenError(code="token_replayed")
+                await self._record_pg(row)
             else:
                 await self._writer.run_grouped(self._sql.recordings, row)
         except StorageError:
             # Only this request holds the reservation that carries this payment id.
             if not await self._landed(select(payments.c.id).where(payments.c.id == row["id"])):
                 raise
+
+    async def _record_pg(self, row: dict[str, Any]) -> None:
+        """The payment and its token's ``done`` in one statement (with those of concurrent
+        payments); ``token_replayed`` when the ledger has a payment for its token."""
+        from cardseal.storage.pg_batches import RunAlone
+
+        if self._recordings is None:  # pragma: no cover - a PostgreSQL store has one
+            raise StorageError()
+        try:
+            recorded = await self._recordings.run([row.get(c.key) for c in payments.c])
+        except RunAlone:  # its batch had a row the server refused: this one alone
+            params = {"new_" + key: value for key, value in row.items()}
+            if await self._first((self._pg_statements()[2], params)) is None:
+                raise TokenError(code="token_replayed") from None
+        else:
+            if (row["id"],) not in recorded:
+                raise TokenError(code="token_replayed")
 
     async def get_payment(self, payment_id: str, issuer: str) -> dict[str, Any] | None:
         def get(conn: Connection) -> dict[str, Any] | None:
