@@ -152,6 +152,25 @@ def test_a_lost_answer_to_a_statement_is_found_by_each_of_its_callers(
     run(postgres, scenario)
 
 
+def test_a_payment_cancelled_while_its_row_waited_sends_nothing(
+        postgres: PostgresServer) -> None:
+    async def scenario(store: SqlStore, _faults: LostCommitAnswers) -> None:
+        assert store._reservations is not None
+        store._reservations._max_in_flight = 1
+        first, kept, cancelled = (asyncio.create_task(store.reserve_token(rid(name), EXPIRES))
+                                  for name in ("first", "kept", "cancelled"))
+        await asyncio.sleep(0)  # the first on its way, the two others waiting for it
+        cancelled.cancel()
+        ids = [await first, await kept]
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert dict(await rows(store, "SELECT replay_id, payment_id FROM used_tokens")) == {
+            rid("first"): ids[0], rid("kept"): ids[1]}
+        assert store._reservations.statements == 2
+
+    run(postgres, scenario)
+
+
 def test_the_batcher_refuses_impossible_bounds() -> None:
     for kwargs in ({"max_in_flight": 0}, {"max_rows": 0}, {"max_rows": 65}):
         with pytest.raises(ValueError):

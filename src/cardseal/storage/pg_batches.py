@@ -23,6 +23,7 @@ handles it. A multi-row statement is one transaction, so it fails whole:
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -54,7 +55,7 @@ class StatementBatcher:
         self._sql: dict[int, str] = {}
         self._max_in_flight = max_in_flight
         self._max_rows = max_rows
-        self._queue: list[tuple[Sequence[Any], asyncio.Future[Rows]]] = []
+        self._queue: deque[tuple[Sequence[Any], asyncio.Future[Rows]]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self.statements = 0  # sent, and rows in them: for tests and benchmarks
         self.rows = 0
@@ -75,8 +76,13 @@ class StatementBatcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _send_next(self) -> None:
-        batch = self._queue[:self._max_rows]
-        del self._queue[:self._max_rows]
+        batch: list[tuple[Sequence[Any], asyncio.Future[Rows]]] = []
+        while self._queue and len(batch) < self._max_rows:
+            entry = self._queue.popleft()
+            if not entry[1].done():  # a caller cancelled while it waited sends nothing
+                batch.append(entry)
+        if not batch:
+            return
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self._tasks.add(task)
         task.add_done_callback(self._sent)
