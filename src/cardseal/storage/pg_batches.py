@@ -89,7 +89,7 @@ class StatementBatcher:
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self._queue and len(self._tasks) < self._max_in_flight:
+        while self._queue and len(self._tasks) < self._max_in_flight:
             self._send_next()
 
     async def _send(self, batch: list[tuple[Sequence[Any], asyncio.Future[Rows]]]) -> None:
