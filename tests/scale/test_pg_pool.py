@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
@@ -26,6 +27,16 @@ def pool_for(url: str, *, size: int = 2, timeout: float = 5.0) -> DriverPool:
     return DriverPool(url, size=size, timeout=timeout, connect_timeout=5)
 
 
+@asynccontextmanager
+async def opened(url: str, *, size: int = 2, timeout: float = 5.0) -> AsyncIterator[DriverPool]:
+    """A pool for the block, closed after it."""
+    pool = pool_for(url, size=size, timeout=timeout)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
 async def backend_pid(pool: DriverPool) -> int:
     async with pool.connection() as conn:
         assert conn.autocommit
@@ -41,8 +52,7 @@ def url(postgres: PostgresServer) -> str:
 
 def test_a_burst_shares_the_pools_connections_and_opens_no_more(url: str) -> None:
     async def scenario() -> None:
-        pool = pool_for(url, size=3)
-        try:
+        async with opened(url, size=3) as pool:
             async def one(i: int) -> Any:
                 async with pool.connection() as conn:
                     row = await (await conn.execute("SELECT %s::int, pg_sleep(0.01)",
@@ -53,8 +63,6 @@ def test_a_burst_shares_the_pools_connections_and_opens_no_more(url: str) -> Non
             assert await asyncio.gather(*(one(i) for i in range(40))) == list(range(40))
             assert pool.connects == 3  # opened on demand, then shared
             assert pool.open_connections == 3
-        finally:
-            await pool.close()
         assert pool.open_connections == 0
 
     run(scenario)
@@ -62,8 +70,7 @@ def test_a_burst_shares_the_pools_connections_and_opens_no_more(url: str) -> Non
 
 def test_a_request_waits_at_most_the_timeout_for_a_connection(url: str) -> None:
     async def scenario() -> None:
-        pool = pool_for(url, size=1, timeout=0.3)
-        try:
+        async with opened(url, size=1, timeout=0.3) as pool:
             held = asyncio.Event()
             release = asyncio.Event()
 
@@ -85,24 +92,19 @@ def test_a_request_waits_at_most_the_timeout_for_a_connection(url: str) -> None:
             await task
             await waiting
             assert pool.connects == 1
-        finally:
-            await pool.close()
 
     run(scenario)
 
 
 def test_a_statement_the_server_refuses_leaves_the_connection_in_the_pool(url: str) -> None:
     async def scenario() -> None:
-        pool = pool_for(url)
-        try:
+        async with opened(url) as pool:
             first = await backend_pid(pool)
             with pytest.raises(psycopg.errors.DivisionByZero):
                 async with pool.connection() as conn:
                     await conn.execute("SELECT 1 / 0")
             assert await backend_pid(pool) == first  # the same session, in autocommit
             assert pool.connects == 1
-        finally:
-            await pool.close()
 
     run(scenario)
 
@@ -110,8 +112,7 @@ def test_a_statement_the_server_refuses_leaves_the_connection_in_the_pool(url: s
 def test_a_lost_connection_closes_the_idle_ones_and_the_next_request_connects(
         postgres: PostgresServer, url: str) -> None:
     async def scenario() -> None:
-        pool = pool_for(url, size=2)
-        try:
+        async with opened(url, size=2) as pool:
             # Two connections open and idle, both then ended by the server (a failover).
             async def hold_two() -> list[int]:
                 async def pid_held(ready: asyncio.Event, go: asyncio.Event) -> int:
@@ -137,8 +138,6 @@ def test_a_lost_connection_closes_the_idle_ones_and_the_next_request_connects(
             assert pool.open_connections == 0  # ...and the other idle one went with it
             assert await backend_pid(pool) not in pids  # the next request connects
             assert pool.connects == 3
-        finally:
-            await pool.close()
 
     run(scenario)
 
@@ -147,8 +146,7 @@ def test_while_the_server_refuses_connections_a_request_fails_at_once() -> None:
     gate = TcpGate(("127.0.0.1", 5432))
 
     async def scenario() -> None:
-        pool = pool_for(f"postgresql://postgres@127.0.0.1:{gate.port}/postgres", timeout=5.0)
-        try:
+        async with opened(f"postgresql://postgres@127.0.0.1:{gate.port}/postgres") as pool:
             for _ in range(3):  # no wait for a timeout, no retry in the background
                 started = time.monotonic()
                 with pytest.raises(psycopg.OperationalError):
@@ -158,32 +156,28 @@ def test_while_the_server_refuses_connections_a_request_fails_at_once() -> None:
             gate.open()
             await backend_pid(pool)  # the first request after the server is back connects
             assert pool.connects == 1
-        finally:
-            await pool.close()
-            gate.close()
 
-    run(scenario)
+    try:
+        run(scenario)
+    finally:
+        gate.close()
 
 
 def test_invalidate_closes_the_connections_open_now_instead_of_using_them(url: str) -> None:
     async def scenario() -> None:
-        pool = pool_for(url)
-        try:
+        async with opened(url) as pool:
             first = await backend_pid(pool)
             pool.invalidate()
             assert await backend_pid(pool) != first
             assert pool.connects == 2
             assert pool.open_connections == 1
-        finally:
-            await pool.close()
 
     run(scenario)
 
 
 def test_a_request_cancelled_mid_statement_closes_its_connection(url: str) -> None:
     async def scenario() -> None:
-        pool = pool_for(url)
-        try:
+        async with opened(url) as pool:
             async def slow() -> None:
                 async with pool.connection() as conn:
                     await conn.execute("SELECT pg_sleep(5)")
@@ -196,16 +190,13 @@ def test_a_request_cancelled_mid_statement_closes_its_connection(url: str) -> No
             assert pool.open_connections == 0  # its state unknown: closed, not reused
             await backend_pid(pool)
             assert pool.connects == 2
-        finally:
-            await pool.close()
 
     run(scenario)
 
 
 def test_a_free_slot_handed_to_a_request_cancelled_meanwhile_goes_to_the_next(url: str) -> None:
     async def scenario() -> None:
-        pool = pool_for(url, size=1, timeout=2.0)
-        try:
+        async with opened(url, size=1, timeout=2.0) as pool:
             release = asyncio.Event()
 
             async def failing_holder() -> None:
@@ -228,8 +219,6 @@ def test_a_free_slot_handed_to_a_request_cancelled_meanwhile_goes_to_the_next(ur
             assert time.monotonic() - started < 1.0
             with pytest.raises(RuntimeError):
                 await holder
-        finally:
-            await pool.close()
 
     run(scenario)
 
