@@ -67,6 +67,8 @@ class GatewaySettings(BaseModel):
     tls_key: str = "tls/key.pem"
     insecure_http: bool = False
     database_url: str = "sqlite:///cardseal.db"
+    # PostgreSQL: connections per worker for the payment path, and half as many for the rest.
+    database_pool_size: int = Field(default=10, ge=2, le=100)
     replay_store: str = "database"
     fingerprint_secret: SecretStr = SecretStr("")
     leeway: int = DEFAULT_LEEWAY

@@ -53,6 +53,8 @@ tls_cert = "tls/cert.pem"
 tls_key = "tls/key.pem"
 insecure_http = false                # only behind a TLS-terminating proxy
 database_url = "sqlite:///cardseal.db"
+database_pool_size = 10              # PostgreSQL: connections a worker opens for payments
+                                     # (and half as many for the rest), 2..100
 replay_store = "database"            # database | redis://host:port/db
 fingerprint_secret = "{fingerprint_secret}"
 leeway = 30                          # clock leeway, seconds, at most 120

@@ -198,6 +198,8 @@ def test_explicit_overrides_win(config: Path) -> None:
         ("[client]\n", "format = 'jwe'\n"),
         ("[client]\n", "signing_alg = 'HS256'\n"),
         ("[gateway]\n", "port = 'x'\n"),
+        ("[gateway]\n", "database_pool_size = 1\n"),
+        ("[gateway]\n", "database_pool_size = 101\n"),
     ],
 )
 def test_unknown_or_invalid_keys(config: Path, anchor: str, extra: str) -> None:
@@ -268,3 +270,16 @@ def test_jwks_without_signing_keys(config: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
         build_issuer_policies(load_settings(config))
     assert excinfo.value.code == "config_invalid"
+
+
+def test_the_gateway_sizes_its_postgresql_pools_from_the_settings(config: Path) -> None:
+    """``gateway.database_pool_size``: the payment path's connections, half as many (at least
+    two) for the rest. Nothing connects before the app starts."""
+    from cardseal.gateway.app import create_app
+
+    settings = load_settings(config, gateway={
+        "database_url": "postgresql://postgres@127.0.0.1:5432/unused", "database_pool_size": 6})
+    store = create_app(settings).state.store
+    assert store._drivers is not None and store._drivers._size == 6
+    assert store._drivers.open_connections == 0
+    assert store.engine is not None and store.engine.pool.size() == 3
