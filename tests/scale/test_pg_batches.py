@@ -38,6 +38,12 @@ async def in_one_statement(batcher: StatementBatcher | None,
     return list(results)
 
 
+async def assert_reserved_under(store: SqlStore, names: list[str], ids: list[Any]) -> None:
+    """The tokens ``names``, and only they, are reserved, each under its id in ``ids``."""
+    stored = dict(await rows(store, "SELECT replay_id, payment_id FROM used_tokens"))
+    assert stored == {rid(name): i for name, i in zip(names, ids, strict=True)}
+
+
 async def rows(store: SqlStore, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     assert store.engine is not None
     async with store.engine.connect() as conn:
@@ -54,8 +60,7 @@ def test_concurrent_reservations_go_as_one_statement_and_each_gets_its_own_id(
         ids = await in_one_statement(store._reservations, [
             store.reserve_token(rid(name), EXPIRES) for name in names])
         assert all(isinstance(i, str) for i in ids) and len(set(ids)) == 21
-        stored = dict(await rows(store, "SELECT replay_id, payment_id FROM used_tokens"))
-        assert stored == {rid(name): i for name, i in zip(names, ids, strict=True)}
+        await assert_reserved_under(store, names, ids)
 
     run(postgres, scenario)
 
@@ -146,8 +151,7 @@ def test_a_lost_answer_to_a_statement_is_found_by_each_of_its_callers(
             store.reserve_token(rid(name), EXPIRES) for name in names])
         assert faults.lose == 0
         assert all(isinstance(i, str) for i in ids)
-        stored = dict(await rows(store, "SELECT replay_id, payment_id FROM used_tokens"))
-        assert stored == {rid(name): i for name, i in zip(names, ids, strict=True)}
+        await assert_reserved_under(store, names, ids)
 
     run(postgres, scenario)
 
@@ -164,8 +168,7 @@ def test_a_payment_cancelled_while_its_row_waited_sends_nothing(
         ids = [await first, await kept]
         with pytest.raises(asyncio.CancelledError):
             await cancelled
-        assert dict(await rows(store, "SELECT replay_id, payment_id FROM used_tokens")) == {
-            rid("first"): ids[0], rid("kept"): ids[1]}
+        await assert_reserved_under(store, ["first", "kept"], ids)
         assert store._reservations.statements == 2
 
     run(postgres, scenario)

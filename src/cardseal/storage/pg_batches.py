@@ -16,7 +16,7 @@ handles it. A multi-row statement is one transaction, so it fails whole:
 - for the connection's sake (``OperationalError``, the pool's timeout): every caller gets
   ``StorageError`` and, as for a statement of its own, looks for its row before it reports
   the failure (the answer may have been lost after the commit);
-- for one row's sake (the server refused a value): every caller gets ``RunAlone`` and runs its
+- for one row's sake (the server refused a value): every caller gets None and runs its
   statement on its own, so that only the bad row fails.
 """
 
@@ -38,10 +38,6 @@ MAX_ROWS: Final = 64
 Rows = frozenset[tuple[Any, ...]]
 
 
-class RunAlone(Exception):  # noqa: N818 - a signal, not an error
-    """The batch failed for one of its rows: each caller runs its statement on its own."""
-
-
 class StatementBatcher:
     """One kind of single-row statement, sent for concurrent callers as one statement."""
 
@@ -55,16 +51,16 @@ class StatementBatcher:
         self._sql: dict[int, str] = {}
         self._max_in_flight = max_in_flight
         self._max_rows = max_rows
-        self._queue: deque[tuple[Sequence[Any], asyncio.Future[Rows]]] = deque()
+        self._queue: deque[tuple[Sequence[Any], asyncio.Future[Rows | None]]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self.statements = 0  # sent, and rows in them: for tests and benchmarks
         self.rows = 0
 
-    async def run(self, row: Sequence[Any]) -> Rows:
-        """Every row returned by the statement that carried ``row`` (its parameters).
-
-        Raises ``StorageError`` (the database could not answer) or ``RunAlone``."""
-        future: asyncio.Future[Rows] = asyncio.get_running_loop().create_future()
+    async def run(self, row: Sequence[Any]) -> Rows | None:
+        """Every row returned by the statement that carried ``row`` (its parameters); None
+        when the server refused that statement for one of its rows (the caller then runs its
+        own statement alone). Raises ``StorageError`` (the database could not answer)."""
+        future: asyncio.Future[Rows | None] = asyncio.get_running_loop().create_future()
         self._queue.append((row, future))
         if len(self._tasks) < self._max_in_flight:
             self._send_next()
@@ -76,7 +72,7 @@ class StatementBatcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _send_next(self) -> None:
-        batch: list[tuple[Sequence[Any], asyncio.Future[Rows]]] = []
+        batch: list[tuple[Sequence[Any], asyncio.Future[Rows | None]]] = []
         while self._queue and len(batch) < self._max_rows:
             entry = self._queue.popleft()
             if not entry[1].done():  # a caller cancelled while it waited sends nothing
@@ -92,7 +88,7 @@ class StatementBatcher:
         while self._queue and len(self._tasks) < self._max_in_flight:
             self._send_next()
 
-    async def _send(self, batch: list[tuple[Sequence[Any], asyncio.Future[Rows]]]) -> None:
+    async def _send(self, batch: list[tuple[Sequence[Any], asyncio.Future[Rows | None]]]) -> None:
         cause: BaseException | None = None  # the statement failed for the connection's sake
         alone = False  # ...or for a row's
         returned: Rows = frozenset()
@@ -118,7 +114,7 @@ class StatementBatcher:
             if future.done():  # the caller was cancelled meanwhile
                 continue
             if alone:
-                future.set_exception(RunAlone())
+                future.set_result(None)
             elif cause is not None:
                 future.set_exception(_storage_error(cause))  # one exception per caller
             else:

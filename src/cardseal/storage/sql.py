@@ -530,18 +530,15 @@ class SqlStore:
         """Two statements, each atomic: a new reservation (with those of concurrent payments),
         else the taking up again of one given back (only the purge of expired tokens deletes
         one)."""
-        from cardseal.storage.pg_batches import RunAlone
-
         if self._reservations is None:  # pragma: no cover - a PostgreSQL store has one
             raise StorageError()
         reserve, reserve_released, _ = self._pg_statements()
-        try:
-            taken = await self._reservations.run([params[c.key] for c in used_tokens.c])
-        except RunAlone:  # its batch had a row the server refused: this one alone
+        taken = await self._reservations.run([params[c.key] for c in used_tokens.c])
+        if taken is None:  # its batch had a row the server refused: this one alone
             found = await self._first((reserve, params), (reserve_released, {"rid": rid}))
+        elif (rid, payment_id) in taken:
+            return payment_id
         else:
-            if (rid, payment_id) in taken:
-                return payment_id
             given_back = await self._first((reserve_released, {"rid": rid}))
             found = None if given_back is None else (1, given_back[1])
         if found is None:
@@ -578,19 +575,16 @@ class SqlStore:
     async def _record_pg(self, row: dict[str, Any]) -> None:
         """The payment and its token's ``done`` in one statement (with those of concurrent
         payments); ``token_replayed`` when the ledger has a payment for its token."""
-        from cardseal.storage.pg_batches import RunAlone
-
         if self._recordings is None:  # pragma: no cover - a PostgreSQL store has one
             raise StorageError()
-        try:
-            recorded = await self._recordings.run([row.get(c.key) for c in payments.c])
-        except RunAlone:  # its batch had a row the server refused: this one alone
+        recorded = await self._recordings.run([row.get(c.key) for c in payments.c])
+        if recorded is None:  # its batch had a row the server refused: this one alone
             params = {"new_" + key: value for key, value in row.items()}
-            if await self._first((self._pg_statements()[2], params)) is None:
-                raise TokenError(code="token_replayed") from None
+            went_in = await self._first((self._pg_statements()[2], params)) is not None
         else:
-            if (row["id"],) not in recorded:
-                raise TokenError(code="token_replayed")
+            went_in = (row["id"],) in recorded
+        if not went_in:
+            raise TokenError(code="token_replayed")
 
     async def get_payment(self, payment_id: str, issuer: str) -> dict[str, Any] | None:
         def get(conn: Connection) -> dict[str, Any] | None:
