@@ -39,7 +39,8 @@ from cardseal.card import Card
 from cardseal.client import Sealer
 from cardseal.config import Settings, build_sealer, database_url, load_settings
 from cardseal.scaffold import init_dir
-from cardseal.storage.migrate import sync_url, upgrade
+from cardseal.storage.migrate import upgrade
+from cardseal.storage.schema import sync_url
 from cardseal.storage.sql import replay_id
 from tests.faults.asgi import InProcessGateway
 

@@ -23,7 +23,7 @@ from cardseal.errors import ConfigError, ProcessorError
 from cardseal.gateway.app import create_app
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
 from cardseal.processor.sandbox import SandboxProcessor
-from cardseal.storage.migrate import sync_url
+from cardseal.storage.schema import sync_url
 from tests.faults.conftest import (
     Home,
     assert_error,

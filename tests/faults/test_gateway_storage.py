@@ -32,7 +32,7 @@ from sqlalchemy import create_engine, text
 from cardseal.gateway.app import create_app
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
 from cardseal.processor.sandbox import SandboxProcessor
-from cardseal.storage.migrate import sync_url
+from cardseal.storage.schema import sync_url
 from tests.faults.conftest import (
     Home,
     TcpGate,

@@ -65,8 +65,8 @@ from cardseal.errors import TokenError
 from cardseal.keys.jwk import VerificationKeySet
 from cardseal.keys.local import add_key_version
 from cardseal.keys.signing import PemSigner, Signer, generate_private_key_pem
-from cardseal.storage.migrate import sync_url
 from cardseal.storage.replay import split_redis_spec
+from cardseal.storage.schema import sync_url
 from cardseal.storage.sql import replay_id
 from cardseal.tokens import Payment
 from tests.conftest import PostgresServer, RedisServer

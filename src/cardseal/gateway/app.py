@@ -41,8 +41,8 @@ from cardseal.gateway.payments import Outcome, PaymentService, error_outcome
 from cardseal.gateway.schemas import ErrorBody, HealthOut, PaymentOut, PaymentRequest
 from cardseal.processor.base import PaymentProcessor
 from cardseal.processor.sandbox import SandboxProcessor
-from cardseal.storage.migrate import check_schema
 from cardseal.storage.replay import build_replay_store
+from cardseal.storage.schema import check_schema
 from cardseal.storage.sql import SqlStore
 
 RETRY_AFTER_SECONDS: Final = "2"

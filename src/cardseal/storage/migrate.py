@@ -1,4 +1,8 @@
-"""Database URLs and Alembic migrations, run programmatically (``cardseal db upgrade``)."""
+"""Alembic migrations, run programmatically (``cardseal init``, ``cardseal db upgrade``).
+
+Only those commands import this module (and so Alembic); the gateway's workers check the schema
+through ``storage.schema``, which needs none of it.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +10,14 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from cardseal.errors import ConfigError, StorageError
+from cardseal.storage.schema import sync_url
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
-
-
-def sync_url(url: str) -> str:
-    """The URL for a blocking driver: pysqlite or psycopg 3."""
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        return parsed.set(drivername="sqlite").render_as_string(hide_password=False)
-    if backend == "postgresql":
-        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    raise ConfigError("database_url must be sqlite:///FILE or postgresql://...")
-
-
-def async_url(url: str) -> str:
-    """The URL for psycopg 3's asyncio driver. PostgreSQL only: SQLite needs none, the
-    gateway's SQLite writes run in a thread of their own (``storage.sqlite_writer``)."""
-    parsed = make_url(sync_url(url))
-    if parsed.get_backend_name() != "postgresql":
-        raise ConfigError("An asyncio driver is used for PostgreSQL only.")
-    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
 def _alembic_config() -> Config:
@@ -63,24 +46,3 @@ def head_revision() -> str:
     if head is None:  # pragma: no cover - the package ships its migrations
         raise ConfigError("No migrations found.")
     return head
-
-
-def current_revision(url: str) -> str | None:
-    engine = create_engine(sync_url(url))
-    try:
-        with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
-    except SQLAlchemyError as err:
-        raise StorageError("The database is unreachable.") from err
-    finally:
-        engine.dispose()
-
-
-def check_schema(url: str) -> None:
-    """Raise ``ConfigError`` unless the database is at the newest schema."""
-    current, head = current_revision(url), head_revision()
-    if current != head:
-        raise ConfigError(
-            f"The database schema is at {current or 'nothing'}, cardseal needs {head}: "
-            "run 'cardseal db upgrade' first."
-        )

@@ -43,8 +43,8 @@ from sqlalchemy.sql.crud import REQUIRED
 from sqlalchemy.sql.elements import BindParameter
 
 from cardseal.errors import RequestError, StorageError, TokenError
-from cardseal.storage.migrate import async_url, sync_url
 from cardseal.storage.models import api_keys, idempotency_keys, payments, used_tokens
+from cardseal.storage.schema import async_url, sync_url
 from cardseal.storage.sqlite_writer import (
     SQLITE_BUSY_TIMEOUT_MS,
     OperationGroup,
