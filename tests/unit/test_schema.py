@@ -15,17 +15,16 @@ from cardseal.scaffold import init_dir
 from cardseal.storage.migrate import head_revision, upgrade
 from cardseal.storage.schema import (
     SCHEMA_HEAD,
-    VERSION_TABLE,
     async_url,
     check_schema,
     current_revision,
     sync_url,
 )
+from tests.conftest import PostgresServer
 
 
 def test_the_schema_head_is_the_newest_migration() -> None:
     assert SCHEMA_HEAD == head_revision()
-    assert VERSION_TABLE == "alembic_version"  # Alembic's default, which migrations/env.py keeps
 
 
 def test_a_database_alembic_never_migrated_is_at_nothing(tmp_path: Path) -> None:
@@ -64,6 +63,17 @@ def test_several_revisions_are_refused(tmp_path: Path) -> None:
     _set_revisions(path, SCHEMA_HEAD, "0002")
     with pytest.raises(ConfigError, match="several schema revisions"):
         check_schema(f"sqlite:///{path}")
+
+
+@pytest.mark.integration
+def test_postgresql_before_and_after_its_migration(postgres: PostgresServer) -> None:
+    url = postgres.create_database("schema")
+    assert current_revision(url) is None
+    with pytest.raises(ConfigError, match="at nothing"):
+        check_schema(url)
+    upgrade(url)
+    assert current_revision(url) == SCHEMA_HEAD
+    check_schema(url)
 
 
 def test_an_unreadable_database_is_a_storage_error(tmp_path: Path) -> None:
