@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Final, TextIO
 
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+# ``wait_until_quiet``: a timed gateway run starts once the CPUs are under 10% busy over
+# 100 ms (five seconds at most).
+QUIET_BELOW: Final = 0.10
+QUIET_LIMIT: Final = 5.0
 
 
 # -- statistics --------------------------------------------------------------------------------
@@ -186,6 +190,38 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from ``/proc/stat``. Steal time (another
+    guest on the same host) is neither: nothing here can wait it out."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, idle, iowait, irq, softirq = fields
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait
+
+
+def wait_until_quiet(*, below: float = QUIET_BELOW, window: float = 0.1,
+                     limit: float = QUIET_LIMIT) -> tuple[float, float]:
+    """Wait until the machine's CPUs are less than ``below`` busy over one ``window`` (at
+    most ``limit`` seconds). Returns (how busy the first window was, seconds waited).
+
+    A timed run should not start while the previous server still works off its tail:
+    PostgreSQL's WAL writer and autovacuum, requests still in flight when the load generator
+    stopped, a seed server's last KMS calls. Whatever ran last would otherwise slow the next
+    server in the rotation."""
+    start = time.monotonic()
+    first = -1.0
+    while True:
+        busy0, total0 = _cpu_ticks()
+        time.sleep(window)
+        busy1, total1 = _cpu_ticks()
+        share = (busy1 - busy0) / max(total1 - total0, 1)
+        if first < 0:
+            first = share
+        waited = time.monotonic() - start
+        if share < below or waited >= limit:
+            return first, waited
 
 
 def peak_rss_kib(pid: int) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import Progress, Spread, peak_rss_kib
+from benchmarks.common import Progress, Spread, peak_rss_kib, wait_until_quiet
 from benchmarks.seed_flow import SEED_CARD, PresealingSeedClient, new_kms_client
 from benchmarks.services import (
     Home,
@@ -361,6 +361,8 @@ def _run_level(plan: GatewayPlan, loadgen: LoadGen, running: list[_Running], hom
             server = item.server
             progress.tick(f"run {repeat + 1}/{plan.repeats}: {item.name} (sealing)")
             bodies = item.take(needed(estimates[index], plan.duration))
+            progress.tick(f"run {repeat + 1}/{plan.repeats}: {item.name} (waiting for quiet)")
+            busy, waited = wait_until_quiet()
             before = (authorized_per_pid(server.metrics_dir)
                       if server.metrics_dir is not None else {})
             progress.tick(f"run {repeat + 1}/{plan.repeats}: {item.name} "
@@ -372,6 +374,7 @@ def _run_level(plan: GatewayPlan, loadgen: LoadGen, running: list[_Running], hom
                 result["pids"] = {str(p): after[p] - before.get(p, 0.0) for p in after
                                   if after[p] - before.get(p, 0.0) > 0}
             result["moto_cpu"] = result["server_cpu"].pop(str(moto.proc.pid), 0.0)
+            result["busy_before"], result["quiet_wait"] = busy, waited
             _note_data_keys(bodies[:result["sent"]], item.data_keys)
             cells[index].runs.append(result)
             estimates[index] = max(estimates[index], result["rate"])
@@ -433,6 +436,7 @@ def print_gateway(results: GatewayResults, plan: GatewayPlan, progress: Progress
                       f"calls ({keys} per worker)")
     for skipped in results.skipped:
         progress.emit(f"  skipped: {skipped}")
+    _print_quiet(results, progress)
     _print_client_check(results, progress)
     _print_ratios(results, plan, progress)
     progress.emit()
@@ -441,6 +445,22 @@ def print_gateway(results: GatewayResults, plan: GatewayPlan, progress: Progress
         shown = ", ".join(f"{kib / 1024:.0f} MiB" for kib in rss)
         progress.emit(f"  {_LABELS[name]:<44} w{workers}: {shown}")
     progress.emit()
+
+
+def _print_quiet(results: GatewayResults, progress: Progress) -> None:
+    """How busy the CPUs were when each server's turn came, and how long it waited for them
+    to quieten (``wait_until_quiet``), per server over all of its timed runs."""
+    parts = []
+    for name in _LABELS:
+        runs = [r for (n, _, _), cell in results.cells.items() if n == name for r in cell.runs]
+        if not runs:
+            continue
+        busy = sorted(r["busy_before"] for r in runs)
+        waited = max(r["quiet_wait"] for r in runs)
+        parts.append(f"{name} {statistics.median(busy) * 100:.0f}% (max {busy[-1] * 100:.0f}%)"
+                     f", waited <= {waited:.1f} s")
+    if parts:
+        progress.emit(f"  before each timed run, CPUs busy in the first 100 ms: {'; '.join(parts)}")
 
 
 def _print_client_check(results: GatewayResults, progress: Progress) -> None:
