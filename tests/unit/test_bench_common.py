@@ -10,6 +10,7 @@ import pytest
 from benchmarks import common
 from benchmarks.common import Spread, interleaved_rates, percentile, ratio_spread
 from benchmarks.loadgen import _header_value, _request
+from benchmarks.run import ratio_text
 
 
 def test_spread_median_and_range() -> None:
@@ -91,3 +92,11 @@ def test_request_framing_and_header_lookup() -> None:
     assert _header_value(head.lower() + b"\r\n", b"\r\ncontent-length:") == b"%d" % len(body)
     assert _header_value(b"http/1.1 201\r\nx-bench-pid: 42\r\n", b"\r\nx-bench-pid:") == b"42"
     assert _header_value(b"http/1.1 201\r\n", b"\r\nx-bench-pid:") is None
+
+
+def test_ratio_text_shows_enough_digits_to_explain_the_verdict() -> None:
+    assert ratio_text(0.7412, 0.5) == "0.74x"
+    assert ratio_text(0.498, 0.5) == "0.498x"  # "0.50x" next to MISS would read as a pass
+    assert ratio_text(1.503, 1.5) == "1.503x"
+    assert ratio_text(0.5, 0.5) == "0.50x"
+    assert ratio_text(0.66661, 1 / 1.5) == "0.6666x"
