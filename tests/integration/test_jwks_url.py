@@ -217,6 +217,10 @@ def _outage(site: JwksServer, kind: str) -> None:
         site.body = b"<html>maintenance</html>"
     elif kind == "private-key":
         site.body = json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}).encode()
+    elif kind == "key-ops-not-a-list":
+        published = json.loads(site.body)
+        published["keys"][0]["key_ops"] = 5
+        site.body = json.dumps(published).encode()
 
 
 def _recover(site: JwksServer, kind: str) -> None:
@@ -226,7 +230,7 @@ def _recover(site: JwksServer, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["down", "slow", "http-500", "redirect", "too-large",
-                                  "not-a-jwks", "private-key"])
+                                  "not-a-jwks", "private-key", "key-ops-not-a-list"])
 def test_the_last_good_set_is_kept_through_an_outage(
     site: JwksServer, clock: Clock, kind: str
 ) -> None:

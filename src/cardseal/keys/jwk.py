@@ -81,7 +81,7 @@ class VerificationKey:
         if jwk.get("use", "sig") != "sig":
             raise ConfigError("The JWK is not for signatures (use).")
         ops = jwk.get("key_ops")
-        if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        if "key_ops" in jwk and (not isinstance(ops, list) or "verify" not in ops):
             raise ConfigError("The JWK may not verify (key_ops).")
         alg = jwk.get("alg")
         if alg is not None and not isinstance(alg, str):
@@ -160,11 +160,10 @@ class VerificationKeySet:
         for jwk in keys:
             if isinstance(jwk, Mapping):
                 _refuse_secret(jwk)  # before skipping: a private key of any use spoils the set
-            if isinstance(jwk, Mapping) and (
-                jwk.get("use", "sig") != "sig"
-                or ("key_ops" in jwk and "verify" not in (jwk.get("key_ops") or []))
-            ):
-                continue
+                ops = jwk.get("key_ops")
+                other_use = isinstance(ops, list) and "verify" not in ops
+                if jwk.get("use", "sig") != "sig" or other_use:
+                    continue  # a key for other uses; a key_ops that is no list is malformed
             usable.append(VerificationKey.from_jwk(jwk))
         return cls(usable)
 

@@ -173,6 +173,16 @@ def test_malformed_jwks(document: Any) -> None:
     assert config_error(VerificationKeySet.from_jwks, document) == "config_invalid"
 
 
+@pytest.mark.parametrize("key_ops", [5, 1.5, True, None, {"verify": 1}, "verify"])
+def test_key_ops_that_is_no_list_spoils_the_set(key_ops: Any) -> None:
+    """RFC 7517 section 4.3: an array of strings. Anything else is a malformed key (a
+    ``ConfigError``, which a JWKS refresh treats as a bad document), never a ``TypeError``
+    nor a key quietly skipped as one for other uses."""
+    jwk = {**RFC7638_JWK, "key_ops": key_ops}
+    assert config_error(VerificationKey.from_jwk, jwk) == "config_invalid"
+    assert config_error(VerificationKeySet.from_jwks, {"keys": [jwk]}) == "config_invalid"
+
+
 def test_load_jwks_file(tmp_path: Path, ec_key: ec.EllipticCurvePrivateKey) -> None:
     path = tmp_path / "jwks.json"
     source = VerificationKeySet([VerificationKey.from_jwk(RFC7638_JWK),
