@@ -162,10 +162,14 @@ class VerifiedToken:
 
 
 def _numeric_date(claims: Mapping[str, Any], name: str, *, required: bool) -> int | None:
+    """The claim as an integer NumericDate; None when an optional one is absent. A present
+    ``null`` is no date: missing where the claim is required, malformed where it is not."""
     value = claims.get(name)
     if value is None:
         if required:
             raise TokenError(f"The {name} claim is required.", code="token_claim_missing")
+        if name in claims:
+            raise TokenError(f"The {name} claim must be an integer NumericDate.")
         return None
     if type(value) is not int or not 0 <= value < _MAX_NUMERIC_DATE:
         raise TokenError(f"The {name} claim must be an integer NumericDate.")

@@ -245,6 +245,24 @@ def test_exp_that_is_no_integer_numeric_date(setup: LocalSetup, exp: str) -> Non
             "token_malformed")
 
 
+@pytest.mark.parametrize("nbf", ["null", '"0"', "true", "1.5", "-1"])
+def test_nbf_present_is_checked_even_when_null(setup: LocalSetup, nbf: str) -> None:
+    """CONTRACT: nbf optional, checked when present; a present null is no NumericDate."""
+    header, claims = decode(setup.sealer.seal(CARD))
+    claims["nbf"] = "NBF"
+    payload = json.dumps(claims).replace('"NBF"', nbf).encode()
+    refused(setup.verifier, sign_raw(setup, json.dumps(header).encode(), payload),
+            "token_malformed")
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat"])
+def test_required_date_that_is_null_is_missing(setup: LocalSetup, claim: str) -> None:
+    header, claims = decode(setup.sealer.seal(CARD))
+    claims[claim] = None
+    refused(setup.verifier, sign_raw(setup, json.dumps(header).encode(),
+                                     json.dumps(claims).encode()), "token_claim_missing")
+
+
 # Regression: a list or object as currency raised TypeError (unhashable) out of verify().
 @pytest.mark.parametrize("payment", [{"amount": 1, "currency": []}, {"amount": 1, "currency": {}},
                                      {"amount": "1", "currency": "EUR"}, [], "EUR",
