@@ -239,7 +239,7 @@ class EnvelopeOpener:
             raise DecryptionError(code="meta_data_malformed")
         kid = _canonical_kid(protected, jti, allowed_keys)
         if kid is None:  # not in our own serialization: the strict parser decides
-            kid = _parsed_kid(self._providers, protected, jti, allowed_keys)
+            kid = _parsed_kid(self._providers, protected, jti, allowed_keys, allow_remote)
         aead = self._unwrap(kid, wrapped, iss, aud, allow_remote)
         if len(self._wrapped) >= _MAX_WRAPPED_TEXTS:
             self._wrapped.clear()
@@ -365,11 +365,13 @@ def _canonical_kid(protected: bytes, jti: str, allowed_keys: Sequence[str]) -> s
 
 
 def _parsed_kid(
-    providers: KeyProviders, protected: bytes, jti: str, allowed_keys: Sequence[str]
+    providers: KeyProviders, protected: bytes, jti: str, allowed_keys: Sequence[str],
+    allow_remote: bool,
 ) -> str:
     """The canonical URI of the allowed key a protected header names, by the strict parser;
     ``meta_data_malformed`` for any other header, ``kms_key_not_allowed`` for a key the issuer
-    does not allow, ``decryption_failed`` for another token's ``jti``."""
+    does not allow, ``decryption_failed`` for another token's ``jti`` (and ``NeedsRemoteKms``,
+    see ``_allowed``)."""
     try:
         header = loads_strict(protected, max_bytes=_MAX_PROTECTED_BYTES, max_depth=1)
     except ValueError:
@@ -383,20 +385,29 @@ def _parsed_kid(
         or not isinstance(header["jti"], str)
     ):
         raise DecryptionError(code="meta_data_malformed")
-    kid = _allowed(providers, header["kid"], allowed_keys)
+    kid = _allowed(providers, header["kid"], allowed_keys, allow_remote)
     if header["jti"] != jti:  # moved from another token
         raise DecryptionError(code="decryption_failed")
     return kid
 
 
-def _allowed(providers: KeyProviders, kid: str, allowed_keys: Sequence[str]) -> str:
-    """The canonical URI of ``kid`` if the issuer allows it; else ``kms_key_not_allowed``."""
+def _allowed(
+    providers: KeyProviders, kid: str, allowed_keys: Sequence[str], allow_remote: bool
+) -> str:
+    """The canonical URI of ``kid`` if the issuer allows it; else ``kms_key_not_allowed``.
+
+    A ``kid`` that names a key otherwise than the issuer's policy (an AWS alias or key id)
+    may take a DescribeKey to resolve: without ``allow_remote`` that raises
+    ``NeedsRemoteKms`` instead, so the gateway resolves it off its event loop."""
     if kid in allowed_keys:
         return kid
     try:
-        canonical = providers.canonical_uri(kid)
+        canonical = (providers.canonical_uri(kid) if allow_remote
+                     else providers.known_canonical_uri(kid))
     except ConfigError:
         raise DecryptionError(code="kms_key_not_allowed") from None
+    if canonical is None:
+        raise NeedsRemoteKms
     if canonical not in allowed_keys:
         raise DecryptionError(code="kms_key_not_allowed")
     return canonical

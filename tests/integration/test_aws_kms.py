@@ -86,9 +86,15 @@ def test_alias_id_and_arn_resolve_to_one_arn_once(kms: KmsEmulator, proxy: KmsPr
     key = kms.symmetric_key()
     provider = AwsKmsKeyProvider.from_settings(aws_settings(proxy.endpoint))
     try:
+        # What is known without a call (the gateway's event loop asks only this): the ARN.
+        assert provider.known_canonical_uri(key.uri("arn")) == key.uri("arn")
+        assert provider.known_canonical_uri(key.uri("alias")) is None
+        assert provider.known_canonical_uri(key.uri("id")) is None
+        assert proxy.attempts == {}
         for _ in range(3):
             for name in ("alias", "id", "arn"):
                 assert provider.canonical_uri(key.uri(name)) == key.uri("arn")
+                assert provider.known_canonical_uri(key.uri(name)) == key.uri("arn")
         with pytest.raises(ConfigError):
             provider.canonical_uri("aws-kms://alias/no-such-key")
     finally:

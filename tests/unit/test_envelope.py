@@ -345,7 +345,7 @@ def test_the_canonical_header_shortcut_agrees_with_the_strict_parser(
     # one over the size limit takes neither.
     if len(protected) <= 512:
         assert _canonical_kid(protected, jti, ("local://x", kid)) == kid
-        assert _parsed_kid(KeyProviders(), protected, jti, (kid,)) == kid
+        assert _parsed_kid(KeyProviders(), protected, jti, (kid,), False) == kid
     else:
         assert _canonical_kid(protected, jti, (kid,)) is None
     if other != jti:
@@ -369,7 +369,7 @@ def test_the_canonical_header_shortcut_never_accepts_what_the_parser_refuses(
     raw = head + (tail[:cut] + insert + tail[cut:] if data else rest)
     fast = _canonical_kid(raw, jti, ("local://x", kid))
     if fast is not None:
-        assert _parsed_kid(KeyProviders(), raw, jti, ("local://x", kid)) == fast
+        assert _parsed_kid(KeyProviders(), raw, jti, ("local://x", kid), False) == fast
 
 
 @pytest.mark.parametrize("jti", ["\ud800", "jti-\udfff-0123456789", "\ud83d"])

@@ -24,7 +24,7 @@ from cardseal.envelope import (
     seal_kms_direct,
 )
 from cardseal.errors import CardError, DecryptionError
-from cardseal.keys.base import KeyProviders
+from cardseal.keys.base import DataKey, EncryptionContext, KeyProviders
 from cardseal.keys.local import LocalKeyProvider
 from cardseal.opener import CardOpener
 from cardseal.testing import AUDIENCE, ISSUER, SAMPLE_PANS, LocalSetup, sample_card_json
@@ -300,6 +300,55 @@ def test_without_remote_calls_a_remote_kms_is_left_to_the_caller(
     else:  # one KMS Decrypt per kms-direct token: never inline
         with pytest.raises(NeedsRemoteKms):
             opener.open_card(again, allow_remote=False)
+
+
+ALIAS = "local://alias-of-main"
+
+
+class _RemoteAliasing(_RemoteLocal):
+    """A network KMS that also knows MAIN as ALIAS (as AWS knows a key by its alias and its
+    ARN): resolving ALIAS is a call, counted in ``lookups``."""
+
+    lookups = 0
+
+    def canonical_uri(self, key_uri: str) -> str:
+        if key_uri == ALIAS:
+            type(self).lookups += 1
+            return MAIN
+        return super().canonical_uri(key_uri)
+
+    def generate_data_key(self, key_uri: str, context: EncryptionContext | None) -> DataKey:
+        return super().generate_data_key(MAIN if key_uri == ALIAS else key_uri, context)
+
+    def known_canonical_uri(self, key_uri: str) -> str | None:  # cached once resolved
+        return (MAIN if self.lookups else None) if key_uri == ALIAS else key_uri
+
+
+def test_resolving_a_key_name_is_left_to_the_caller(tmp_path: Path) -> None:
+    """A client that names the issuer's key by another name (an AWS alias where the gateway
+    allows the ARN): resolving it is a KMS call (DescribeKey), which the gateway makes off its
+    event loop, once per name."""
+    setup = LocalSetup.create(tmp_path)
+    _RemoteAliasing.lookups = 0
+    remote = KeyProviders(_RemoteAliasing.from_file(tmp_path / "keyring.json"))
+    sealer = EnvelopeSealer(providers=remote, key_uri=ALIAS)
+    opener = CardOpener(providers=remote, issuers=[setup.policy])
+
+    def token() -> VerifiedToken:
+        jti = secrets.token_urlsafe(16)
+        meta_data = sealer.seal(PLAINTEXT, iss=ISSUER, aud=AUDIENCE, jti=jti)
+        assert json.loads(base64.urlsafe_b64decode(meta_data.split(".")[0] + "=="))["kid"] == ALIAS
+        return setup.verifier.verify(sign(setup, claims_for(meta_data, jti)))
+
+    first = token()
+    with pytest.raises(NeedsRemoteKms):
+        opener.open_card(first, allow_remote=False)
+    assert (_RemoteAliasing.lookups, remote.calls["decrypt"]) == (0, 0)
+    assert opener.open_card(first).to_json() == PLAINTEXT  # off the loop: resolve, Decrypt
+    assert (_RemoteAliasing.lookups, remote.calls["decrypt"]) == (1, 1)
+    for _ in range(3):  # the name and the data key are known now: opened inline
+        assert opener.open_card(token(), allow_remote=False).to_json() == PLAINTEXT
+    assert (_RemoteAliasing.lookups, remote.calls["decrypt"]) == (1, 1)
 
 
 def test_a_local_kms_is_never_left_to_the_caller(setup: LocalSetup) -> None:

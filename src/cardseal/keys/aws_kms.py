@@ -166,15 +166,11 @@ class AwsKmsKeyProvider(KeyProvider):
         name its keys by ARN). Raises ``ConfigError`` for a key KMS does not know or will not
         describe, ``KeyProviderError`` when KMS is unavailable.
         """
-        key_id = key_id_of(key_uri)
-        if _KEY_ARN_RE.fullmatch(key_id):
-            return key_uri
-        with self._lock:
-            cached = self._resolved.get(key_uri)
-        if cached is not None:
-            return cached
+        known = self.known_canonical_uri(key_uri)
+        if known is not None:
+            return known
         try:
-            arn = self._kms.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"]
+            arn = self._kms.describe_key(KeyId=key_id_of(key_uri))["KeyMetadata"]["Arn"]
         except (ClientError, BotoCoreError) as err:
             raise _translate(err, _config_refusal("describe", key_uri, err)) from err
         canonical = _PREFIX + arn
@@ -182,6 +178,13 @@ class AwsKmsKeyProvider(KeyProvider):
             if len(self._resolved) < _MAX_RESOLVED:
                 self._resolved[key_uri] = canonical
         return canonical
+
+    def known_canonical_uri(self, key_uri: str) -> str | None:
+        """A key ARN, or a name already resolved; None for a name that needs DescribeKey."""
+        if _KEY_ARN_RE.fullmatch(key_id_of(key_uri)):
+            return key_uri
+        with self._lock:
+            return self._resolved.get(key_uri)
 
     def check(self, key_uri: str) -> None:
         """One DescribeKey: ``kms_unavailable`` when KMS cannot be reached in time, throttles

@@ -52,6 +52,11 @@ class KeyProvider(ABC):
         """
         return key_uri
 
+    def known_canonical_uri(self, key_uri: str) -> str | None:
+        """``canonical_uri`` where it needs no call to a remote KMS; None where it does (the
+        caller then resolves the name off its event loop)."""
+        return None if self.remote else self.canonical_uri(key_uri)
+
     def check(self, key_uri: str) -> None:
         """Raise ``KeyProviderError`` (kms_unavailable) unless the KMS answers for ``key_uri``
         now: one cheap call that decrypts nothing, for readiness probes.
@@ -121,6 +126,9 @@ class KeyProviders:
 
     def canonical_uri(self, key_uri: str) -> str:
         return self.provider_for(key_uri).canonical_uri(key_uri)
+
+    def known_canonical_uri(self, key_uri: str) -> str | None:
+        return self.provider_for(key_uri).known_canonical_uri(key_uri)
 
     def check(self, key_uri: str) -> None:
         """``KeyProvider.check`` of the key's provider (not counted as a KMS call)."""
