@@ -138,6 +138,12 @@ def test_healthz_readyz_metrics_openapi(gateway: Gateway, client: httpx.Client) 
 def test_unknown_route_and_method(client: httpx.Client) -> None:
     assert_error(client.get("/v1/nothing"), 404, "not_found")
     assert_error(client.delete("/v1/payments"), 405, "request_invalid")
+    # A trailing slash is another path: the contract's 404, not a redirect whose Location
+    # comes from the request's Host header.
+    for path in ("/v1/payments/", "/healthz/"):
+        response = client.post(path, headers={"Host": "evil.example"}, content=b"{}")
+        assert "location" not in response.headers
+        assert_error(response, 404, "not_found")
 
 
 # -- 201 ---------------------------------------------------------------------------------------
@@ -596,6 +602,10 @@ def test_get_payment_not_found(gateway: Gateway, client: httpx.Client,
         assert_error(response, 404, "not_found")
         assert response.content == unknown.content  # alike: nothing tells them apart
     assert_error(client.get("/v1/payments/" + "x" * 300, headers=mine), 404, "not_found")
+    # What no payment id holds never reaches the database: a NUL (PostgreSQL refuses it in
+    # text, which once came back as a 503 storage_unavailable), non-ASCII, a quote.
+    for odd in ("pay_%00", "pay_%C3%A9", "pay_%27", "pay_0%000"):
+        assert_error(client.get(f"/v1/payments/{odd}", headers=mine), 404, "not_found")
 
 
 # -- 503s: faults injected in-process ------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -46,6 +47,7 @@ from cardseal.storage.schema import check_schema
 from cardseal.storage.sql import SqlStore
 
 RETRY_AFTER_SECONDS: Final = "2"
+_PAYMENT_ID: Final = re.compile(r"pay_[0-9A-Za-z]{1,36}")  # new_payment_id: 36 hex digits
 PURGE_INTERVAL_SECONDS: Final = 600.0
 _JSON: Final = "application/json"
 _log = structlog.get_logger("cardseal.gateway")
@@ -277,6 +279,9 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        # No 307 to the path without its trailing slash (Starlette's default): an unknown
+        # path is the contract's 404, and no Location is built from the request's Host.
+        redirect_slashes=False,
         description="Takes sealed card tokens and charges them. See CONTRACT.md section 5.",
     )
     app.state.store = store
@@ -353,7 +358,10 @@ def create_app(
         issuer = await store.issuer_for_api_key(api_key) if scheme == "Bearer" else None
         if issuer is None:
             return _error(CardsealError(code="unauthorized"))
-        payment = await service.get(payment_id, issuer) if len(payment_id) <= 40 else None
+        # Only what a payment id can be reaches the database: PostgreSQL refuses a NUL in
+        # text with an error, which is no storage outage but an unknown payment.
+        payment = (await service.get(payment_id, issuer)
+                   if _PAYMENT_ID.fullmatch(payment_id) else None)
         if payment is None:
             return _error(CardsealError(code="not_found"))
         return JSONResponse(payment)
