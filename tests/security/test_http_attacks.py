@@ -6,6 +6,7 @@ the contract's shape, and, where a token was involved, that nothing was consumed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -114,6 +115,64 @@ def test_declared_content_length_over_the_limit(gateway: Gateway) -> None:
     head, _, payload = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 "), head
     assert json.loads(payload)["error"]["code"] == "request_too_large"
+
+
+def _exchange(gateway: Gateway, *pieces: bytes) -> tuple[bytes, bytes]:
+    """Send ``pieces`` on one TLS connection (stopping if the server closes it), then read
+    until it closes; the response's head and body."""
+    context = ssl.create_default_context(cafile=str(gateway.home.cacert))
+    with socket.create_connection(("127.0.0.1", gateway.server.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        try:
+            for piece in pieces:
+                tls.sendall(piece)
+        except OSError:  # closed on us mid-way: what it answered is still there to read
+            pass
+        received = b""
+        with contextlib.suppress(OSError):
+            while chunk := tls.recv(65536):
+                received += chunk
+    head, _, payload = received.partition(b"\r\n\r\n")
+    return head, payload
+
+
+def test_oversize_request_head(gateway: Gateway) -> None:
+    """Headers that never end (one long header, or many): answered 431 and the connection
+    closed once they pass 32 KiB, instead of a worker holding all of them (httptools has no
+    limit of its own). Without a fix, 4 such connections took a worker from 95 to 534 MiB.
+
+    Source: RFC 6585 section 5 (431); CWE-400 (uncontrolled resource consumption).
+    """
+    start = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
+    for pieces in ([b"X-Pad: "] + [b"a" * 4096] * 16,
+                   [b"X-Pad-%d: %s\r\n" % (i, b"b" * 1000) for i in range(64)]):
+        head, payload = _exchange(gateway, start, *pieces)
+        assert head.startswith(b"HTTP/1.1 431 "), head
+        assert json.loads(payload)["error"]["code"] == "request_too_large"
+    # Under the bound, a long header is served; a body is not counted as head.
+    head, _ = _exchange(gateway, start + b"X-Pad: " + b"c" * 20000 + b"\r\n"
+                        b"Connection: close\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    body = b'{"token": "' + b"A" * 60000 + b'", "amount": 1, "currency": "USD"}'
+    head, payload = _exchange(gateway, b"POST /v1/payments HTTP/1.1\r\nHost: localhost\r\n"
+                              b"Content-Type: application/json\r\nConnection: close\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert head.startswith(b"HTTP/1.1 400 "), head  # the app's answer: a token over 16 KiB
+    assert json.loads(payload)["error"]["code"] == "request_invalid"
+
+
+def test_bytes_that_are_not_http_get_the_contract_body(gateway: Gateway) -> None:
+    """What the HTTP parser refuses is answered in the contract's error body, not uvicorn's
+    text/plain "Invalid HTTP request received."
+
+    Source: CONTRACT.md section 5 ("Every error body is {"error": ...}").
+    """
+    for garbage in (b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"):
+        head, payload = _exchange(gateway, garbage)
+        assert head.startswith(b"HTTP/1.1 400 "), head
+        assert b"content-type: application/json" in head.lower()
+        assert json.loads(payload)["error"]["code"] == "request_invalid"
 
 
 # -- malformed JSON bodies ----------------------------------------------------------------------

@@ -70,5 +70,6 @@ def serve(settings: Settings, config_path: str, *, host: str | None = None,
         log_config=None,
         server_header=False,
         timeout_graceful_shutdown=10,
+        http="cardseal.gateway.http:BoundedHttpToolsProtocol",
         **ssl,  # type: ignore[arg-type]
     )
