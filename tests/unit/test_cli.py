@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,36 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 
 def test_init_with_an_unknown_alg(tmp_path: Path) -> None:
     failed(run(None, "init", "--dir", str(tmp_path), "--alg", "HS256"), 2, "config_invalid")
+
+
+# -- serve: what stops it before it listens ----------------------------------------------------
+
+
+def test_serve_refuses_a_port_in_use_or_out_of_range(config: Path) -> None:
+    """Exit 2 and the contract's JSON (not uvicorn's exit 3, which means token_rejected)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        failed(run(config, "serve", "--port", str(port)), 2, "config_invalid")
+    failed(run(config, "serve", "--port", "70000"), 2, "config_invalid")
+
+
+def test_serve_refuses_a_database_without_the_schema(config: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'never-migrated.db'}"
+    result = run(config, "serve", env={"CARDSEAL_GATEWAY__DATABASE_URL": url})
+    failed(result, 2, "config_invalid")
+    assert "cardseal db upgrade" in result.stderr
+
+
+def test_serve_refuses_an_unreadable_tls_key_without_quoting_it(
+        config: Path, tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1ieXRlcw==\n"
+                   "-----END PRIVATE KEY-----\n")
+    result = run(config, "serve", env={"CARDSEAL_GATEWAY__TLS_KEY": str(key)})
+    failed(result, 2, "config_invalid")
+    assert "c2VjcmV0" not in result.stderr
 
 
 # -- seal and open --------------------------------------------------------------------------
