@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, Final, NoReturn, TypeVar
 
 import typer
 
@@ -237,6 +237,37 @@ app.add_typer(keys_app, name="keys")
 
 from cardseal import cli_gateway  # noqa: E402, F401 - registers serve, pay, apikey, db
 
+# click's UsageError (typer vendors click from 0.2x on and exports only BadParameter of its
+# exceptions): the base of every command-line mistake, missing and unknown options included.
+_UsageError: Final[type[Exception]] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def _usage_message(err: Exception) -> str:
+    """What was wrong, by option name only: click's own messages quote the values given."""
+    kind = type(err).__name__
+    param = getattr(err, "param", None)
+    opts = getattr(param, "opts", None)
+    hint = "/".join(opts) if opts else "a parameter"
+    if kind == "MissingParameter":
+        return f"Missing {hint}; see --help."
+    if isinstance(err, typer.BadParameter):
+        return f"Invalid value for {hint}; see --help."
+    if kind == "NoSuchOption":
+        return f"No such option: {getattr(err, 'option_name', '?')}; see --help."
+    return "Invalid usage (an unknown command or an extra argument); see --help."
+
 
 def main() -> None:
-    app()
+    """The ``cardseal`` command. A usage error is exit 2 with the same JSON on stderr as every
+    other error (click would print a box of text), naming the option, never its value."""
+    try:
+        code = app(standalone_mode=False)
+    except _UsageError as err:
+        typer.echo(json.dumps({"error": {"code": "usage_invalid",
+                                         "message": _usage_message(err)}}), err=True)
+        sys.exit(2)
+    except typer.Abort:  # Ctrl-C or end of input at a prompt
+        typer.echo(json.dumps({"error": {"code": "aborted", "message": "Aborted."}}), err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

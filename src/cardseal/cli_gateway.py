@@ -23,7 +23,7 @@ from cardseal.cli import (
     settings,
 )
 from cardseal.config import build_sealer, database_url
-from cardseal.errors import RequestError, exit_code_for
+from cardseal.errors import ConfigError, RequestError, exit_code_for
 
 _GATEWAY_UNREACHABLE: Final = 7
 _PAY_ATTEMPTS: Final = 3
@@ -83,15 +83,20 @@ def pay(
 ) -> None:
     """Card JSON on stdin -> seal -> POST /v1/payments -> the payment."""
 
-    def prepare() -> tuple[str, dict[str, Any], dict[str, str], str | bool]:
+    def prepare() -> tuple[str, dict[str, Any], dict[str, str], ssl.SSLContext | bool]:
         s = settings(config)
         payment = payment_option(amount, currency, reference)
         if payment is None:  # pragma: no cover - typer requires amount and currency
             raise RequestError("--amount and --currency are required.")
         token = build_sealer(s).seal(read_card(), payment=payment)
         url = (gateway or s.client.gateway_url).rstrip("/") + "/v1/payments"
-        ca = cacert or str(s.path(s.client.gateway_cacert))
-        verify: str | bool = ca if url.startswith("https://") else True
+        verify: ssl.SSLContext | bool = True
+        if url.startswith("https://"):
+            ca = cacert or str(s.path(s.client.gateway_cacert))
+            try:
+                verify = ssl.create_default_context(cafile=ca)
+            except (OSError, ValueError):  # ssl.SSLError is an OSError
+                raise ConfigError(f"The CA bundle {ca} cannot be read as PEM.") from None
         body = {"token": token, "amount": payment.amount, "currency": payment.currency}
         if reference is not None:
             body["reference"] = reference

@@ -79,6 +79,46 @@ def test_init_with_an_unknown_alg(tmp_path: Path) -> None:
     failed(run(None, "init", "--dir", str(tmp_path), "--alg", "HS256"), 2, "config_invalid")
 
 
+# -- usage errors -------------------------------------------------------------------------------
+
+
+def console(*args: str) -> subprocess.CompletedProcess[str]:
+    """The ``cardseal`` command as a user runs it (``main``, not the test runner's invoke)."""
+    return subprocess.run([sys.executable, "-c", "from cardseal.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize(("args", "names"), [
+    (["pay", "--currency", "USD"], "--amount"),
+    (["pay", "--amount", "4242424242424242x", "--currency", "USD"], "--amount"),
+    (["pay", "--amount", "1", "--currency", "USD", "--bogus", "4242424242424242"], "--bogus"),
+    (["no-such-command"], "see --help"),
+    (["inspect", "a.b.c", "4242424242424242"], "see --help"),
+])
+def test_usage_errors_are_exit_2_with_the_json_error(args: list[str], names: str) -> None:
+    """Contract section 4: 2 is usage or config; the error is JSON like every other, and names
+    the option without quoting what was given (click's own text would)."""
+    result = console(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    body = json.loads(result.stderr)
+    assert body["error"]["code"] == "usage_invalid"
+    assert names in body["error"]["message"]
+    assert "4242" not in result.stderr
+
+
+def test_help_is_still_help() -> None:
+    result = console("--help")
+    assert result.returncode == 0 and "pay" in result.stdout
+
+
+def test_pay_with_a_ca_bundle_that_cannot_be_read_is_a_config_error(config: Path,
+                                                                      tmp_path: Path) -> None:
+    missing = str(tmp_path / "no-such-ca.pem")
+    failed(run(config, "pay", "--amount", "1", "--currency", "USD", "--cacert", missing,
+               stdin=CARD), 2, "config_invalid")
+
+
 # -- serve: what stops it before it listens ----------------------------------------------------
 
 

@@ -43,24 +43,12 @@ def serve(settings: Settings, config_path: str, *, host: str | None = None,
           port: int | None = None, workers: int | None = None) -> None:
     """Serve until interrupted. HTTPS unless ``gateway.insecure_http`` is set."""
     gateway = settings.gateway
-    os.environ[_CONFIG_ENV] = str(config_path)
     count = workers or gateway.workers
     host, port = host or gateway.host, port or gateway.port
     if not 1 <= port <= 65535:
         raise ConfigError(f"The port must be 1-65535, not {port}.")
-    if count > 1 and not os.environ.get(_MULTIPROC_ENV):
-        # Prometheus multiprocess mode: each worker writes its metrics to files here.
-        os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix="cardseal-metrics-")
-    configure_logging()
-    log = structlog.get_logger("cardseal.gateway")
     ssl: dict[str, str] = {}
-    if gateway.insecure_http:
-        log.warning(
-            "insecure_http",
-            message="Serving PLAIN HTTP: card tokens cross the network unencrypted. Only run "
-                    "this behind a TLS-terminating proxy on the same host or a private link.",
-        )
-    else:
+    if not gateway.insecure_http:
         cert, key = settings.path(gateway.tls_cert), settings.path(gateway.tls_key)
         if not cert.is_file() or not key.is_file():
             raise ConfigError("gateway.tls_cert / tls_key not found; run 'cardseal init' or "
@@ -71,6 +59,18 @@ def serve(settings: Settings, config_path: str, *, host: str | None = None,
     # 2 and a JSON error) rather than as uvicorn's exit 3 and a traceback per worker.
     check_schema(database_url(settings))
     _check_listen(host, port)
+
+    os.environ[_CONFIG_ENV] = str(config_path)
+    if count > 1 and not os.environ.get(_MULTIPROC_ENV):
+        # Prometheus multiprocess mode: each worker writes its metrics to files here.
+        os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix="cardseal-metrics-")
+    configure_logging()
+    if gateway.insecure_http:
+        structlog.get_logger("cardseal.gateway").warning(
+            "insecure_http",
+            message="Serving PLAIN HTTP: card tokens cross the network unencrypted. Only run "
+                    "this behind a TLS-terminating proxy on the same host or a private link.",
+        )
     try:
         _run(host, port, count, ssl)
     except SystemExit as exit_:
