@@ -75,6 +75,8 @@ class GatewaySettings(BaseModel):
     data_key_cache_size: int = DEFAULT_CACHE_SIZE
     data_key_cache_ttl: float = DEFAULT_CACHE_TTL
     max_body_bytes: int = 64 * 1024
+    # An Idempotency-Key in flight this long was left by a gateway that died mid-request.
+    idempotency_in_flight_timeout: float = Field(default=900.0, gt=0, le=24 * 3600)
 
 
 class IssuerSettings(BaseModel):

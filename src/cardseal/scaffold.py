@@ -61,6 +61,9 @@ leeway = 30                          # clock leeway, seconds, at most 120
 data_key_cache_size = 1024           # unwrapped data keys kept in memory per worker
 data_key_cache_ttl = 300.0           # seconds, at most 3600
 max_body_bytes = 65536
+idempotency_in_flight_timeout = 900.0  # seconds: a key in flight longer was left by a
+                                       # gateway that died mid-request; the same request
+                                       # takes it over (at most 86400)
 
 [kms.local]
 keyring = "keys/keyring.json"

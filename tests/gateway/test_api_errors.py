@@ -16,20 +16,26 @@ import secrets
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy import insert, update
+from sqlalchemy.sql import Executable
 
 from cardseal._encoding import b64url_decode, b64url_encode
 from cardseal.errors import KeyProviderError, ProcessorError, StorageError, TokenError
 from cardseal.gateway.app import create_app
+from cardseal.gateway.payments import _dumps
+from cardseal.gateway.schemas import PaymentRequest
 from cardseal.keys.base import DataKey, EncryptionContext, KeyProvider, KeyProviders
 from cardseal.keys.signing import PemSigner, generate_private_key_pem
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
 from cardseal.processor.sandbox import DECLINES, SandboxProcessor
+from cardseal.storage.models import idempotency_keys
 from cardseal.storage.replay import ReplayStore
 from cardseal.storage.sql import new_payment_id
 from cardseal.testing import SANDBOX_DECLINES
@@ -526,6 +532,66 @@ def test_idempotency_replay_and_conflict(gateway: Gateway, client: httpx.Client)
     # Keys are scoped per issuer: another issuer may use the same key.
     other = forge.forge(iss=OTHER_ISSUER, signer=forge.other_signer)
     assert_payment(pay(client, other, 1200, key=key), amount=1200, issuer=OTHER_ISSUER)
+
+
+def _write(gateway: Gateway, statement: Executable) -> int:
+    """Run one write on the gateway's database; the rows it touched."""
+    engine = gateway.home.engine()
+    try:
+        with engine.begin() as conn:
+            return conn.execute(statement).rowcount
+    finally:
+        engine.dispose()
+
+
+def _leave_in_flight(gateway: Gateway, key: str, *, age: float) -> None:
+    """The key's row as a gateway that died mid-request left it: in flight, no answer."""
+    assert _write(gateway, update(idempotency_keys).where(idempotency_keys.c.key == key).values(
+        state="in_flight", status_code=None, response=None,
+        created_at=datetime.now(UTC) - timedelta(seconds=age))) == 1
+
+
+def test_a_key_left_in_flight_by_a_dead_gateway_is_taken_over(gateway: Gateway,
+                                                              client: httpx.Client) -> None:
+    """A gateway killed between recording a payment and storing its answer leaves the key
+    in flight. Found so past ``gateway.idempotency_in_flight_timeout`` (900 s), the same
+    request takes it over and gets the recorded payment, byte for byte what the first run
+    answered (the client never got it), not idempotency_conflict forever; the card is not
+    charged again. Before that timeout the key is in flight as far as anyone can tell."""
+    forge = gateway.forge
+    for pan, status in ((PAN_VISA, 201), ("4000000000000002", 402)):
+        key = "order-" + secrets.token_hex(8)
+        token = forge.seal(pan)
+        first = pay(client, token, 1300, key=key)
+        assert first.status_code == status
+        payments_before = gateway.home.query("SELECT count(*) AS n FROM payments")[0]["n"]
+
+        _leave_in_flight(gateway, key, age=60)  # might still be running: hands off
+        assert_error(pay(client, token, 1300, key=key), 409, "idempotency_conflict")
+        _leave_in_flight(gateway, key, age=901)
+        assert_error(pay(client, token, 1301, key=key), 409, "idempotency_conflict")  # body
+        recovered = pay(client, token, 1300, key=key)
+        assert (recovered.status_code, recovered.content) == (status, first.content)
+        again = pay(client, token, 1300, key=key)  # and stored under the key again
+        assert (again.status_code, again.content) == (status, first.content)
+        assert gateway.home.query("SELECT count(*) AS n FROM payments")[0]["n"] == payments_before
+
+
+def test_a_dead_gateways_key_without_a_payment_goes_on(gateway: Gateway,
+                                                       client: httpx.Client) -> None:
+    """Killed before the token was reserved: the same request, taking the key over, pays."""
+    key = "order-" + secrets.token_hex(8)
+    token = gateway.forge.seal()
+    body = {"token": token, "amount": 1400, "currency": "USD"}
+    request_hash = hashlib.sha256(
+        _dumps(PaymentRequest.model_validate(body).model_dump())).hexdigest()
+    _write(gateway, insert(idempotency_keys).values(
+        issuer=ISSUER, key=key, request_hash=request_hash, state="in_flight",
+        created_at=datetime.now(UTC) - timedelta(hours=1)))
+    first = client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
+    assert_payment(first, amount=1400)
+    again = client.post("/v1/payments", json=body, headers={"Idempotency-Key": key})
+    assert (again.status_code, again.content) == (201, first.content)
 
 
 def test_forged_token_cannot_claim_an_issuers_idempotency_key(gateway: Gateway,

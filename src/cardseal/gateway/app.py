@@ -235,6 +235,7 @@ def create_app(
         processor=processor or SandboxProcessor(),
         fingerprint_secret=fingerprint_secret(settings),
         processor_timeout=settings.processor.timeout,
+        idempotency_in_flight_timeout=settings.gateway.idempotency_in_flight_timeout,
     )
     metrics = Metrics(providers, opener.envelope)
     max_body = settings.gateway.max_body_bytes

@@ -53,7 +53,7 @@ from cardseal.gateway.schemas import PaymentRequest
 from cardseal.opener import CardOpener
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
 from cardseal.storage.replay import ReplayStore
-from cardseal.storage.sql import SqlStore, replay_id
+from cardseal.storage.sql import IdempotentReplay, SqlStore, replay_id
 from cardseal.tokens import TokenVerifier, VerifiedToken, valid_reference
 
 _RETRYABLE = frozenset({"kms_unavailable", "processor_unavailable", "storage_unavailable"})
@@ -63,6 +63,11 @@ _RETRYABLE = frozenset({"kms_unavailable", "processor_unavailable", "storage_una
 _NOT_SAVED = _RETRYABLE | {"request_invalid", "amount_mismatch"}
 DEFAULT_PROCESSOR_TIMEOUT: Final = 10.0
 MAX_PROCESSOR_TIMEOUT: Final = 300.0
+# An Idempotency-Key still in flight after this long was left by a gateway that died in the
+# middle of its request (a request takes at most the processor's timeout, the KMS's bounded
+# retries and the database's): the same request again takes it over. See ``create``.
+DEFAULT_IN_FLIGHT_TIMEOUT: Final = 900.0
+MAX_IN_FLIGHT_TIMEOUT: Final = 24 * 3600.0
 _PROCESSOR_THREADS: Final = 64  # processor calls in flight; more wait (within the timeout)
 _REPAIR_DELAYS: Final = (0.1, 0.2, 0.5, 1.0)  # then every second, until the deadline
 _MAX_REPAIRS: Final = 10_000  # pending background repairs; past that, fail closed
@@ -97,6 +102,15 @@ def _unverified_issuer(token: str) -> str | None:
         return None
     iss = claims.get("iss") if isinstance(claims, dict) else None
     return iss if isinstance(iss, str) and len(iss) <= 255 else None
+
+
+def _payment_outcome(row: dict[str, Any]) -> Outcome:
+    """The answer to the request that recorded the payment ``row``: 201 PAYMENT, or 402."""
+    if row["status"] == "declined":
+        error = {"error": {"code": "payment_declined", "message": "The payment was declined.",
+                           "decline_code": row["decline_code"], "payment_id": row["id"]}}
+        return Outcome(402, _dumps(error), "payment_declined")
+    return Outcome(201, _dumps(payment_json(row)), "authorized")
 
 
 def payment_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -138,9 +152,14 @@ class PaymentService:
         processor: PaymentProcessor,
         fingerprint_secret: bytes,
         processor_timeout: float = DEFAULT_PROCESSOR_TIMEOUT,
+        idempotency_in_flight_timeout: float = DEFAULT_IN_FLIGHT_TIMEOUT,
     ) -> None:
         if not 0 < processor_timeout <= MAX_PROCESSOR_TIMEOUT:
             raise ConfigError(f"processor.timeout must be in (0, {MAX_PROCESSOR_TIMEOUT}] s.")
+        if not 0 < idempotency_in_flight_timeout <= MAX_IN_FLIGHT_TIMEOUT:
+            raise ConfigError("gateway.idempotency_in_flight_timeout must be in "
+                              f"(0, {MAX_IN_FLIGHT_TIMEOUT:g}] s.")
+        self._in_flight_timeout = idempotency_in_flight_timeout
         self._store = store
         self._replay = replay
         self._verifier = verifier
@@ -186,12 +205,13 @@ class PaymentService:
             return await self._create(request)
         request_hash = hashlib.sha256(_dumps(request.model_dump())).hexdigest()
         try:
-            stored = await self._store.begin_idempotent(issuer, idempotency_key, request_hash)
+            stored = await self._store.begin_idempotent(
+                issuer, idempotency_key, request_hash, stale_after=self._in_flight_timeout)
         except CardsealError as err:
             return error_outcome(err)
-        if stored is not None:
+        if isinstance(stored, IdempotentReplay):
             return Outcome(stored.status_code, stored.body.encode(), "idempotent_replay")
-        outcome = await self._create(request)
+        outcome = await self._create(request, recovering=stored is not None)
         if outcome.code in _NOT_SAVED or outcome.status == 401:  # 401: token_* refused
             def settle() -> Awaitable[None]:
                 return self._store.abandon_idempotent(issuer, idempotency_key)
@@ -207,7 +227,12 @@ class PaymentService:
             self._repair_later(settle, time.time() + _IDEMPOTENCY_REPAIR_SECONDS)
         return outcome
 
-    async def _create(self, request: PaymentRequest) -> Outcome:
+    async def _create(self, request: PaymentRequest, *, recovering: bool = False) -> Outcome:
+        """The payment. ``recovering``: the same request once ran under its Idempotency-Key
+        in a gateway that died; if that run recorded the payment, its answer is the payment
+        (the client never got it), where a token used twice is otherwise ``token_replayed``.
+        A run that died after reserving the token but before recording the payment leaves the
+        token refused (fail closed: whether the processor charged is unknown here)."""
         try:
             verified = self._verifier.verify(request.token)
             amount, currency, reference = self._charge_terms(verified, request)
@@ -218,6 +243,11 @@ class PaymentService:
         try:
             payment_id = await self._replay.reserve(rid, expires_at)
         except CardsealError as err:
+            if recovering and err.code == "token_replayed":
+                with contextlib.suppress(CardsealError):
+                    recorded = await self._store.payment_of_token(rid, verified.issuer.iss)
+                    if recorded is not None:
+                        return _payment_outcome(recorded)
             return error_outcome(err)
         try:
             if self._processor.blocking:
@@ -253,11 +283,7 @@ class PaymentService:
             # The payment is recorded: answer it. Never release the token now (a retry would
             # charge again); its record stays pending, which refuses it all the same.
             pass
-        if result.status == "declined":
-            error = {"error": {"code": "payment_declined", "message": "The payment was declined.",
-                               "decline_code": result.decline_code, "payment_id": payment_id}}
-            return Outcome(402, _dumps(error), "payment_declined")
-        return Outcome(201, _dumps(payment_json(row)), "authorized")
+        return _payment_outcome(row)
 
     async def _charge_fetching(
         self, data_key: Hashable | None, verified: VerifiedToken, payment_id: str, amount: int,

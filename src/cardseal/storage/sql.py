@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from sqlalchemy import (
@@ -112,6 +112,12 @@ class IdempotentReplay:
 
     status_code: int
     body: str
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotentTakeover:
+    """A key found in flight for longer than any request takes (its gateway died mid-request)
+    and claimed again by this request, with the same body."""
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -597,21 +603,36 @@ class SqlStore:
     # -- idempotency --------------------------------------------------------------------------
 
     async def begin_idempotent(
-        self, issuer: str, key: str, request_hash: str
-    ) -> IdempotentReplay | None:
-        """Claim ``key`` for this request, or return the stored response to replay.
+        self, issuer: str, key: str, request_hash: str, *, stale_after: float | None = None
+    ) -> IdempotentReplay | IdempotentTakeover | None:
+        """Claim ``key`` for this request (None), or return the stored response to replay.
 
-        Raises ``RequestError(idempotency_conflict)`` when the key is in flight or was used
-        with another request body, ``StorageError`` on database trouble.
+        A key in flight for more than ``stale_after`` seconds with this same body was left by
+        a gateway that died mid-request: this request takes it over (``IdempotentTakeover``;
+        of two such retries at once, one). Raises ``RequestError(idempotency_conflict)`` when
+        the key is in flight or was used with another request body, ``StorageError`` on
+        database trouble.
         """
-        def begin(conn: Connection) -> IdempotentReplay | None:
+        def begin(conn: Connection) -> IdempotentReplay | IdempotentTakeover | None:
+            now = datetime.now(UTC)
             if conn.execute(self._sql.claim_key, {
                 "issuer": issuer, "key": key, "request_hash": request_hash,
-                "state": "in_flight", "created_at": datetime.now(UTC),
+                "state": "in_flight", "created_at": now,
             }).first() is not None:
                 return None
             row = conn.execute(select(idempotency_keys).where(
                 idempotency_keys.c.issuer == issuer, idempotency_keys.c.key == key)).first()
+            if (
+                stale_after is not None and row is not None and row.state == "in_flight"
+                and hmac.compare_digest(row.request_hash, request_hash)
+                # Still stale when written: of two retries at once, the first takes it.
+                and conn.execute(update(idempotency_keys).where(
+                    idempotency_keys.c.issuer == issuer, idempotency_keys.c.key == key,
+                    idempotency_keys.c.state == "in_flight",
+                    idempotency_keys.c.created_at < now - timedelta(seconds=stale_after),
+                ).values(created_at=now)).rowcount == 1
+            ):
+                return IdempotentTakeover()
             if (
                 row is None  # abandoned since our insert (read committed): the caller may retry
                 or not hmac.compare_digest(row.request_hash, request_hash)
@@ -621,6 +642,15 @@ class SqlStore:
             return IdempotentReplay(int(row.status_code), str(row.response))
 
         return await self._run(begin)
+
+    async def payment_of_token(self, rid: str, issuer: str) -> dict[str, Any] | None:
+        """The payment recorded for the token whose replay id is ``rid``, if any."""
+        def get(conn: Connection) -> dict[str, Any] | None:
+            row = conn.execute(select(payments).where(
+                payments.c.replay_id == rid, payments.c.issuer == issuer)).first()
+            return dict(row._mapping) if row is not None else None
+
+        return await self._read(get)
 
     async def finish_idempotent(self, issuer: str, key: str, status_code: int, body: str) -> None:
         await self._run(lambda conn: conn.execute(self._sql.finish_key, {
