@@ -36,15 +36,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """``HttpToolsProtocol`` that counts the bytes of each request's head as they arrive."""
 
     _head_bytes = 0  # of the head being received
-    _heads = 0  # heads completed on this connection
+    _ends = 0  # heads and messages completed on this connection
     _in_body = False  # between a request's headers and its end: the body is the app's to bound
 
     def data_received(self, data: bytes) -> None:
-        heads = self._heads
+        ends = self._ends
         super().data_received(data)  # at most one socket read (256 KiB) before the check
-        # Only a read that completed no head and fed no body was all head; a read that
-        # completed one also held that request's body, or the next request's first bytes.
-        if heads == self._heads and not self._in_body and not self.transport.is_closing():
+        # Only a read that ended no head and no message and fed no body was all head: one
+        # that ended a head or a message also held a body's bytes.
+        if ends == self._ends and not self._in_body and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self.logger.warning("Request head over %d bytes: refused.", MAX_HEAD_BYTES)
@@ -53,11 +53,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_body, self._head_bytes = True, 0
-        self._heads += 1
+        self._ends += 1
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._in_body = False
+        self._ends += 1
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
