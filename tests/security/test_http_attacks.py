@@ -144,9 +144,19 @@ def test_oversize_request_head(gateway: Gateway) -> None:
     Source: RFC 6585 section 5 (431); CWE-400 (uncontrolled resource consumption).
     """
     start = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
-    for pieces in ([b"X-Pad: "] + [b"a" * 4096] * 16,
-                   [b"X-Pad-%d: %s\r\n" % (i, b"b" * 1000) for i in range(64)]):
-        head, payload = _exchange(gateway, start, *pieces)
+    chunked = (b"POST /v1/payments HTTP/1.1\r\nHost: localhost\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n")
+    for pieces in (
+        [start, b"X-Pad: "] + [b"a" * 4096] * 16,  # one header, streamed
+        [start] + [b"X-Pad-%d: %s\r\n" % (i, b"b" * 1000) for i in range(64)],  # many
+        [start + b"X-Pad: " + b"c" * 40000 + b"\r\n\r\n"],  # whole, in one write
+        [start + b"X-Pad: " + b"d" * 20000 + b"\r\nX-Pad-2: " + b"e" * 20000 + b"\r\n\r\n"],
+        # a chunked body's trailers, streamed past what one read of the server can hold
+        # (a read that also ends the head is not counted: it is bounded by its size)
+        [chunked, b"X-Trailer: "] + [b"f" * 4096] * 96,
+        [chunked + b"X-Trailer: " + b"g" * 40000 + b"\r\n\r\n"],
+    ):
+        head, payload = _exchange(gateway, *pieces)
         assert head.startswith(b"HTTP/1.1 431 "), head
         assert json.loads(payload)["error"]["code"] == "request_too_large"
     # Under the bound, a long header is served; a body is not counted as head.

@@ -32,37 +32,72 @@ _UNPARSABLE: Final = _error_response(
     b"400 Bad Request", "request_invalid", "The request is not valid HTTP/1.1.")
 
 
-class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` that counts the bytes of each request's head as they arrive."""
+class _HeadTooLarge(Exception):  # noqa: N818 - a signal to data_received, not an error
+    """Raised from a parser callback: httptools stops, uvicorn calls ``send_400_response``."""
 
-    _head_bytes = 0  # of the head being received
-    _ends = 0  # heads and messages completed on this connection
-    _in_body = False  # between a request's headers and its end: the body is the app's to bound
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` that bounds each request's head (and a chunked body's trailers)
+    at ``MAX_HEAD_BYTES``, counted two ways: the raw bytes of reads that carry nothing but
+    head, while httptools still gathers an unfinished field (it calls back only with whole
+    ones), and the fields it parses, as it calls back with them."""
+
+    _read_bytes = 0  # raw bytes of reads that were all head, since the last head or body
+    _field_bytes = 0  # request line and fields parsed for the current message
+    _fed = 0  # heads, bodies and messages the parser has called back with
+    _too_large = False
 
     def data_received(self, data: bytes) -> None:
-        ends = self._ends
+        fed = self._fed
         super().data_received(data)  # at most one socket read (256 KiB) before the check
-        # Only a read that ended no head and no message and fed no body was all head: one
-        # that ended a head or a message also held a body's bytes.
-        if ends == self._ends and not self._in_body and not self.transport.is_closing():
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self.logger.warning("Request head over %d bytes: refused.", MAX_HEAD_BYTES)
-                self.transport.write(_HEAD_TOO_LARGE)
-                self.transport.close()
+        if fed != self._fed:  # the read also held a body's bytes, or ended a head or message
+            self._read_bytes = 0
+        elif not self.transport.is_closing():
+            self._read_bytes += len(data)
+            if self._read_bytes > MAX_HEAD_BYTES:
+                self._refuse()
+
+    def on_message_begin(self) -> None:
+        self._field_bytes = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:  # trailers come here too
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._in_body, self._head_bytes = True, 0
-        self._ends += 1
+        self._fed += 1
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        self._fed += 1
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
-        self._in_body = False
-        self._ends += 1
+        self._fed += 1
         super().on_message_complete()
 
+    def _count(self, size: int) -> None:
+        self._field_bytes += size
+        if self._field_bytes > MAX_HEAD_BYTES:
+            self._too_large = True
+            raise _HeadTooLarge
+
+    def _refuse(self) -> None:
+        self.logger.warning("Request head over %d bytes: refused.", MAX_HEAD_BYTES)
+        self.transport.write(_HEAD_TOO_LARGE)
+        self.transport.close()
+
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes that are not HTTP, in the contract's error body."""
+        """uvicorn's answer to bytes httptools refused: 431 where a field passed the bound,
+        else 400, each in the contract's error body (not uvicorn's text/plain)."""
         del msg  # uvicorn's own text, "Invalid HTTP request received."
+        if self._too_large:
+            self._refuse()
+            return
         self.transport.write(_UNPARSABLE)
         self.transport.close()
