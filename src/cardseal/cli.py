@@ -7,6 +7,7 @@ code of the contract's table. Card data is read from stdin or a hidden prompt, n
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -253,8 +254,12 @@ def _usage_message(err: Exception) -> str:
         return f"Missing {hint}; see --help."
     if isinstance(err, typer.BadParameter):
         return f"Invalid value for {hint}; see --help."
+    # An option's name as typed, masked where it holds digits (a card number mistyped as one)
+    name = re.sub(r"[0-9]", "*", str(getattr(err, "option_name", "") or "?"))
     if kind == "NoSuchOption":
-        return f"No such option: {getattr(err, 'option_name', '?')}; see --help."
+        return f"No such option: {name}; see --help."
+    if kind == "BadOptionUsage":
+        return f"Option {name} needs a value; see --help."
     return "Invalid usage (an unknown command or an extra argument); see --help."
 
 

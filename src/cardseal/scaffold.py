@@ -63,7 +63,8 @@ data_key_cache_ttl = 300.0           # seconds, at most 3600
 max_body_bytes = 65536
 idempotency_in_flight_timeout = 900.0  # seconds: a key in flight longer was left by a
                                        # gateway that died mid-request; the same request
-                                       # takes it over (at most 86400)
+                                       # takes it over (more than processor.timeout
+                                       # + 120, at most 86400)
 
 [kms.local]
 keyring = "keys/keyring.json"

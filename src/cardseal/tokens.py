@@ -176,6 +176,14 @@ def _numeric_date(claims: Mapping[str, Any], name: str, *, required: bool) -> in
     return value
 
 
+def replay_key_of(jti: object, meta_data: str) -> str:
+    """What makes a token single-use: its ``jti``; for a legacy ``kms-direct`` token without
+    one, the hash of its ciphertext (random, so unique). ``DecryptionError`` when neither."""
+    if isinstance(jti, str):
+        return jti
+    return "ct:" + hashlib.sha256(decode_kms_direct(meta_data)).hexdigest()
+
+
 class TokenVerifier:
     """Verifies card tokens against the trusted issuers' policies."""
 
@@ -307,11 +315,8 @@ class TokenVerifier:
                 payment = Payment.from_claim(claims["payment"])
             except ValueError:
                 raise TokenError("The payment claim is invalid.") from None
-        if isinstance(jti, str):
-            replay_key = jti
-        elif fmt == "envelope":
+        if not isinstance(jti, str) and fmt == "envelope":
             raise TokenError("The jti claim is required.", code="token_claim_missing")
-        else:  # legacy kms-direct without jti: the ciphertext is random, so it is unique
-            replay_key = "ct:" + hashlib.sha256(decode_kms_direct(meta_data)).hexdigest()
+        replay_key = replay_key_of(jti, meta_data)
         return VerifiedToken(_SEAL, header, claims, policy, fmt, payment, replay_key)
 

@@ -27,7 +27,13 @@ from sqlalchemy import insert, update
 from sqlalchemy.sql import Executable
 
 from cardseal._encoding import b64url_decode, b64url_encode
-from cardseal.errors import KeyProviderError, ProcessorError, StorageError, TokenError
+from cardseal.errors import (
+    ConfigError,
+    KeyProviderError,
+    ProcessorError,
+    StorageError,
+    TokenError,
+)
 from cardseal.gateway.app import create_app
 from cardseal.gateway.payments import _dumps
 from cardseal.gateway.schemas import PaymentRequest
@@ -37,9 +43,9 @@ from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcesso
 from cardseal.processor.sandbox import DECLINES, SandboxProcessor
 from cardseal.storage.models import idempotency_keys
 from cardseal.storage.replay import ReplayStore
-from cardseal.storage.sql import new_payment_id
+from cardseal.storage.sql import SqlStore, new_payment_id
 from cardseal.testing import SANDBOX_DECLINES
-from cardseal.tokens import Payment
+from cardseal.tokens import Payment, TokenVerifier
 from tests.gateway.conftest import (
     AUDIENCE,
     CVV,
@@ -788,6 +794,55 @@ def test_storage_unavailable(gateway: Gateway, client: httpx.Client, tmp_path: P
         assert faulty.get("/healthz").status_code == 200
     # Fail closed, and nothing was consumed: the healthy gateway charges the same token.
     assert_payment(pay(client, token), amount=1999)
+
+
+def test_a_taken_over_key_gets_its_payment_though_the_token_expired_since(
+        gateway: Gateway, client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry of a request whose gateway died comes 15 minutes later or more: its token
+    has expired by then. The payment its first run recorded is found all the same (the key's
+    stored hash proves it is that very body; that run verified the token). A database that
+    fails during the lookup leaves the key to be taken over again by the next retry."""
+    home = gateway.home
+    key = "order-" + secrets.token_hex(8)
+    token = gateway.forge.seal()
+    first = pay(client, token, 1500, key=key)
+    assert_payment(first, amount=1500)
+    _leave_in_flight(gateway, key, age=3600)
+
+    def an_hour_later(settings: Any, policies: Any) -> TokenVerifier:
+        return TokenVerifier(issuers=policies, leeway=settings.gateway.leeway,
+                             now=lambda: time.time() + 3600)
+
+    monkeypatch.setattr("cardseal.gateway.app.build_verifier", an_hour_later)
+    calls = {"n": 0}
+    lookup = SqlStore.payment_of_token
+
+    async def flaky(store: SqlStore, rid: str, issuer: str) -> dict[str, Any] | None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise StorageError()
+        return await lookup(store, rid, issuer)
+
+    monkeypatch.setattr(SqlStore, "payment_of_token", flaky)
+    app = create_app(home.settings)
+    with serve_in_thread(app, home) as url, _in_process_client(home, url, gateway) as later:
+        assert_error(pay(later, gateway.forge.seal(), 1500), 401, "token_expired")
+        assert_error(pay(later, token, 1500, key=key), 503, "storage_unavailable")
+        recovered = pay(later, token, 1500, key=key)  # taken over again at once
+        assert (recovered.status_code, recovered.content) == (201, first.content)
+    again = pay(client, token, 1500, key=key)
+    assert (again.status_code, again.content) == (201, first.content)
+
+
+@pytest.mark.parametrize("timeout", [5.0, 130.0])
+def test_an_in_flight_timeout_a_running_request_could_reach_is_refused(gateway: Gateway,
+                                                                      timeout: float) -> None:
+    """Under processor.timeout (10 s) + 120 s a retry could take over a request still
+    running and answer for it: a configuration error, not a setting."""
+    settings = gateway.home.settings
+    short = settings.gateway.model_copy(update={"idempotency_in_flight_timeout": timeout})
+    with pytest.raises(ConfigError):
+        create_app(settings.model_copy(update={"gateway": short}))
 
 
 class DetachedReplayStore(ReplayStore):

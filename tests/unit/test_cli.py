@@ -92,6 +92,8 @@ def console(*args: str) -> subprocess.CompletedProcess[str]:
     (["pay", "--currency", "USD"], "--amount"),
     (["pay", "--amount", "4242424242424242x", "--currency", "USD"], "--amount"),
     (["pay", "--amount", "1", "--currency", "USD", "--bogus", "4242424242424242"], "--bogus"),
+    (["pay", "--currency", "USD", "--amount"], "--amount needs a value"),
+    (["pay", "--amount", "1", "--currency", "USD", "--4242424242424242"], "--****"),
     (["no-such-command"], "see --help"),
     (["inspect", "a.b.c", "4242424242424242"], "see --help"),
 ])

@@ -53,8 +53,8 @@ from cardseal.gateway.schemas import PaymentRequest
 from cardseal.opener import CardOpener
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
 from cardseal.storage.replay import ReplayStore
-from cardseal.storage.sql import IdempotentReplay, SqlStore, replay_id
-from cardseal.tokens import TokenVerifier, VerifiedToken, valid_reference
+from cardseal.storage.sql import IdempotentReplay, IdempotentTakeover, SqlStore, replay_id
+from cardseal.tokens import TokenVerifier, VerifiedToken, replay_key_of, valid_reference
 
 _RETRYABLE = frozenset({"kms_unavailable", "processor_unavailable", "storage_unavailable"})
 # Refused before the token was verified and reserved. As Stripe, such a request saves no
@@ -68,6 +68,7 @@ MAX_PROCESSOR_TIMEOUT: Final = 300.0
 # retries and the database's): the same request again takes it over. See ``create``.
 DEFAULT_IN_FLIGHT_TIMEOUT: Final = 900.0
 MAX_IN_FLIGHT_TIMEOUT: Final = 24 * 3600.0
+_IN_FLIGHT_MARGIN: Final = 120.0  # the KMS's bounded retries and the database's, and more
 _PROCESSOR_THREADS: Final = 64  # processor calls in flight; more wait (within the timeout)
 _REPAIR_DELAYS: Final = (0.1, 0.2, 0.5, 1.0)  # then every second, until the deadline
 _MAX_REPAIRS: Final = 10_000  # pending background repairs; past that, fail closed
@@ -156,9 +157,12 @@ class PaymentService:
     ) -> None:
         if not 0 < processor_timeout <= MAX_PROCESSOR_TIMEOUT:
             raise ConfigError(f"processor.timeout must be in (0, {MAX_PROCESSOR_TIMEOUT}] s.")
-        if not 0 < idempotency_in_flight_timeout <= MAX_IN_FLIGHT_TIMEOUT:
-            raise ConfigError("gateway.idempotency_in_flight_timeout must be in "
-                              f"(0, {MAX_IN_FLIGHT_TIMEOUT:g}] s.")
+        if not processor_timeout + _IN_FLIGHT_MARGIN < idempotency_in_flight_timeout <= (
+                MAX_IN_FLIGHT_TIMEOUT):
+            # Shorter, a retry could take over a request still running and answer for it.
+            raise ConfigError(
+                "gateway.idempotency_in_flight_timeout must be longer than processor.timeout "
+                f"+ {_IN_FLIGHT_MARGIN:g} s and at most {MAX_IN_FLIGHT_TIMEOUT:g} s.")
         self._in_flight_timeout = idempotency_in_flight_timeout
         self._store = store
         self._replay = replay
@@ -211,7 +215,16 @@ class PaymentService:
             return error_outcome(err)
         if isinstance(stored, IdempotentReplay):
             return Outcome(stored.status_code, stored.body.encode(), "idempotent_replay")
-        outcome = await self._create(request, recovering=stored is not None)
+        recorded = None
+        if isinstance(stored, IdempotentTakeover):
+            try:
+                recorded = await self._recorded_payment(request.token, issuer)
+            except CardsealError as err:  # the database again: the next retry takes it over
+                with contextlib.suppress(CardsealError):
+                    await self._store.reopen_idempotent(issuer, idempotency_key)
+                return error_outcome(err)
+        outcome = (_payment_outcome(recorded) if recorded is not None
+                   else await self._create(request))
         if outcome.code in _NOT_SAVED or outcome.status == 401:  # 401: token_* refused
             def settle() -> Awaitable[None]:
                 return self._store.abandon_idempotent(issuer, idempotency_key)
@@ -227,12 +240,26 @@ class PaymentService:
             self._repair_later(settle, time.time() + _IDEMPOTENCY_REPAIR_SECONDS)
         return outcome
 
-    async def _create(self, request: PaymentRequest, *, recovering: bool = False) -> Outcome:
-        """The payment. ``recovering``: the same request once ran under its Idempotency-Key
-        in a gateway that died; if that run recorded the payment, its answer is the payment
-        (the client never got it), where a token used twice is otherwise ``token_replayed``.
-        A run that died after reserving the token but before recording the payment leaves the
-        token refused (fail closed: whether the processor charged is unknown here)."""
+    async def _recorded_payment(self, token: str, issuer: str) -> dict[str, Any] | None:
+        """The payment a run of this very request recorded before its gateway died, if any.
+
+        Only for a key taken over (``IdempotentTakeover``): its stored hash proves this body,
+        token included, is the one that run had, and that run verified the token before it
+        could record anything; the token may have expired since, so it is read, not verified
+        again. A run that died after reserving the token but before recording the payment
+        leaves it refused (``token_replayed``: whether the processor charged is unknown)."""
+        try:
+            claims = loads_strict(jws.parse_compact(token).payload,
+                                  max_bytes=jws.MAX_PAYLOAD_BYTES)
+            meta_data = claims.get("meta_data") if isinstance(claims, dict) else None
+            if not isinstance(meta_data, str):
+                return None
+            rid = replay_id(issuer, replay_key_of(claims.get("jti"), meta_data))
+        except (CardsealError, ValueError):
+            return None
+        return await self._store.payment_of_token(rid, issuer)
+
+    async def _create(self, request: PaymentRequest) -> Outcome:
         try:
             verified = self._verifier.verify(request.token)
             amount, currency, reference = self._charge_terms(verified, request)
@@ -243,11 +270,6 @@ class PaymentService:
         try:
             payment_id = await self._replay.reserve(rid, expires_at)
         except CardsealError as err:
-            if recovering and err.code == "token_replayed":
-                with contextlib.suppress(CardsealError):
-                    recorded = await self._store.payment_of_token(rid, verified.issuer.iss)
-                    if recorded is not None:
-                        return _payment_outcome(recorded)
             return error_outcome(err)
         try:
             if self._processor.blocking:

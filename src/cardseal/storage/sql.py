@@ -643,6 +643,14 @@ class SqlStore:
 
         return await self._run(begin)
 
+    async def reopen_idempotent(self, issuer: str, key: str) -> None:
+        """Leave an in-flight key taken over again at once by the next retry (its takeover
+        failed for want of the database)."""
+        await self._run(lambda conn: conn.execute(update(idempotency_keys).where(
+            idempotency_keys.c.issuer == issuer, idempotency_keys.c.key == key,
+            idempotency_keys.c.state == "in_flight",
+        ).values(created_at=datetime(1970, 1, 1, tzinfo=UTC))))
+
     async def payment_of_token(self, rid: str, issuer: str) -> dict[str, Any] | None:
         """The payment recorded for the token whose replay id is ``rid``, if any."""
         def get(conn: Connection) -> dict[str, Any] | None:
