@@ -223,8 +223,11 @@ class PaymentService:
                 with contextlib.suppress(CardsealError):
                     await self._store.reopen_idempotent(issuer, idempotency_key)
                 return error_outcome(err)
-        outcome = (_payment_outcome(recorded) if recorded is not None
-                   else await self._create(request))
+        if recorded is not None:  # the answer that run never gave: a replay, not a payment
+            answer = _payment_outcome(recorded)
+            outcome = Outcome(answer.status, answer.body, "idempotent_replay")
+        else:
+            outcome = await self._create(request)
         if outcome.code in _NOT_SAVED or outcome.status == 401:  # 401: token_* refused
             def settle() -> Awaitable[None]:
                 return self._store.abandon_idempotent(issuer, idempotency_key)
