@@ -1,5 +1,6 @@
-"""The benchmark suite's own arithmetic and timing helpers (``benchmarks/common.py``) and the
-load generator's request framing: what ``make bench`` prints is only as good as these."""
+"""The benchmark suite's own arithmetic and timing helpers (``benchmarks/common.py``), the
+load generator's request framing and the targets' ratio text: what ``make bench`` prints is
+only as good as these."""
 
 from __future__ import annotations
 
