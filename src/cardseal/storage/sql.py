@@ -40,7 +40,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.crud import REQUIRED
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from cardseal.errors import RequestError, StorageError, TokenError
 from cardseal.storage.models import api_keys, idempotency_keys, payments, used_tokens
@@ -593,9 +593,15 @@ class SqlStore:
             raise TokenError(code="token_replayed")
 
     async def get_payment(self, payment_id: str, issuer: str) -> dict[str, Any] | None:
+        return await self._payment(payments.c.id == payment_id, payments.c.issuer == issuer)
+
+    async def payment_of_token(self, rid: str, issuer: str) -> dict[str, Any] | None:
+        """The payment recorded for the token whose replay id is ``rid``, if any."""
+        return await self._payment(payments.c.replay_id == rid, payments.c.issuer == issuer)
+
+    async def _payment(self, *where: ColumnElement[bool]) -> dict[str, Any] | None:
         def get(conn: Connection) -> dict[str, Any] | None:
-            row = conn.execute(select(payments).where(
-                payments.c.id == payment_id, payments.c.issuer == issuer)).first()
+            row = conn.execute(select(payments).where(*where)).first()
             return dict(row._mapping) if row is not None else None
 
         return await self._read(get)
@@ -650,15 +656,6 @@ class SqlStore:
             idempotency_keys.c.issuer == issuer, idempotency_keys.c.key == key,
             idempotency_keys.c.state == "in_flight",
         ).values(created_at=datetime(1970, 1, 1, tzinfo=UTC))))
-
-    async def payment_of_token(self, rid: str, issuer: str) -> dict[str, Any] | None:
-        """The payment recorded for the token whose replay id is ``rid``, if any."""
-        def get(conn: Connection) -> dict[str, Any] | None:
-            row = conn.execute(select(payments).where(
-                payments.c.replay_id == rid, payments.c.issuer == issuer)).first()
-            return dict(row._mapping) if row is not None else None
-
-        return await self._read(get)
 
     async def finish_idempotent(self, issuer: str, key: str, status_code: int, body: str) -> None:
         await self._run(lambda conn: conn.execute(self._sql.finish_key, {
