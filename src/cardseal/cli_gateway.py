@@ -51,11 +51,10 @@ def serve(
 
 
 def _post(url: str, body: dict[str, Any], headers: dict[str, str],
-          verify: str | bool | ssl.SSLContext) -> httpx.Response:
-    """POST with the same Idempotency-Key, retrying connection failures and 503s."""
+          verify: bool | ssl.SSLContext) -> httpx.Response:
+    """POST with the same Idempotency-Key, retrying connection failures and 503s. ``verify``
+    is an SSL context, never a CA path (httpx deprecates ``verify=<path>``)."""
     last: Exception | None = None
-    if isinstance(verify, str):  # httpx deprecates verify=<path>: it takes an SSL context
-        verify = ssl.create_default_context(cafile=verify)
     with httpx.Client(verify=verify, timeout=httpx.Timeout(30.0, connect=5.0)) as client:
         for attempt in range(_PAY_ATTEMPTS):
             try:
