@@ -95,13 +95,19 @@ def error_outcome(err: CardsealError) -> Outcome:
     return Outcome(err.http_status, _dumps(err.to_dict()), err.code)
 
 
-def _unverified_issuer(token: str) -> str | None:
-    """The ``iss`` a token claims, unverified: only to scope an idempotency key lookup."""
+def _unverified_claims(token: str) -> dict[str, Any] | None:
+    """The claim set a token carries, unverified (None when it has none): only to scope an
+    idempotency key, and to find what a request already recorded under one."""
     try:
         claims = loads_strict(jws.parse_compact(token).payload, max_bytes=jws.MAX_PAYLOAD_BYTES)
     except (CardsealError, ValueError):
         return None
-    iss = claims.get("iss") if isinstance(claims, dict) else None
+    return claims if isinstance(claims, dict) else None
+
+
+def _unverified_issuer(token: str) -> str | None:
+    """The ``iss`` a token claims, unverified: only to scope an idempotency key lookup."""
+    iss = (_unverified_claims(token) or {}).get("iss")
     return iss if isinstance(iss, str) and len(iss) <= 255 else None
 
 
@@ -251,14 +257,13 @@ class PaymentService:
         could record anything; the token may have expired since, so it is read, not verified
         again. A run that died after reserving the token but before recording the payment
         leaves it refused (``token_replayed``: whether the processor charged is unknown)."""
+        claims = _unverified_claims(token) or {}
+        meta_data = claims.get("meta_data")
+        if not isinstance(meta_data, str):
+            return None
         try:
-            claims = loads_strict(jws.parse_compact(token).payload,
-                                  max_bytes=jws.MAX_PAYLOAD_BYTES)
-            meta_data = claims.get("meta_data") if isinstance(claims, dict) else None
-            if not isinstance(meta_data, str):
-                return None
             rid = replay_id(issuer, replay_key_of(claims.get("jti"), meta_data))
-        except (CardsealError, ValueError):
+        except CardsealError:  # neither a jti nor a kms-direct ciphertext
             return None
         return await self._store.payment_of_token(rid, issuer)
 
