@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import secrets
 import socket
 import ssl
 from collections.abc import Iterator
@@ -183,6 +184,34 @@ def test_bytes_that_are_not_http_get_the_contract_body(gateway: Gateway) -> None
         assert head.startswith(b"HTTP/1.1 400 "), head
         assert b"content-type: application/json" in head.lower()
         assert json.loads(payload)["error"]["code"] == "request_invalid"
+
+
+def test_websocket_upgrade_is_plain_http_and_logs_nothing(gateway: Gateway) -> None:
+    """The gateway serves no WebSocket. An Upgrade request is answered as the plain request
+    it also is (the contract's JSON error), and its path and query, where a careless client
+    may put card data, reach no log line.
+
+    Regression: uvicorn handed it to the websockets library, which answered 403 text/plain
+    and logged the request line, ``cvv=...&pan=4242%204242...`` included, past the
+    redaction (it masks digit runs, not percent-encoded ones).
+
+    Source: CONTRACT.md section 5 ("No response, log line ... ever holds a PAN, a CVV").
+    """
+    marker = "ws" + secrets.token_hex(8)
+    for extra in (b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+                  b""):
+        head, payload = _exchange(
+            gateway, b"GET /v1/payments?%s=1&cvv=739&pan=4242%%204242%%204242%%204242 HTTP/1.1\r\n"
+            b"Host: localhost\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n%s"
+            b"\r\n" % (marker.encode(), extra))
+        assert head.startswith(b"HTTP/1.1 405 "), head
+        assert json.loads(payload)["error"]["code"] == "request_invalid"
+    head, _ = _exchange(gateway, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
+                        b"Connection: Upgrade, close\r\nUpgrade: websocket\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    log = gateway.log_path.read_text(errors="replace")
+    assert marker not in log
+    assert "WebSocket" not in log and "Unsupported upgrade" not in log
 
 
 # -- malformed JSON bodies ----------------------------------------------------------------------

@@ -92,6 +92,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(_HEAD_TOO_LARGE)
         self.transport.close()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """Nothing to log: an ``Upgrade`` request is answered as plain HTTP (the gateway
+        serves no WebSocket, ``serve`` runs uvicorn with ``ws="none"``). uvicorn's own two
+        warnings, one of them advice to install a WebSocket library, would let any client
+        write them to the log with every request."""
+
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes httptools refused: 431 where a field passed the bound,
         else 400, each in the contract's error body (not uvicorn's text/plain)."""
