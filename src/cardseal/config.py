@@ -36,6 +36,8 @@ from cardseal.opener import CardOpener
 from cardseal.tokens import DEFAULT_LEEWAY, DEFAULT_MAX_LIFETIME, IssuerPolicy, TokenVerifier
 
 DEFAULT_CONFIG = "cardseal.toml"
+MAX_ISSUER_CHARS = 255
+"""An ``iss`` fits the ledger's issuer columns (``String(255)``), which every payment fills."""
 _STRICT = ConfigDict(extra="forbid")
 
 
@@ -43,7 +45,7 @@ class ClientSettings(BaseModel):
     """The sealing side (a merchant's payment service)."""
 
     model_config = _STRICT
-    issuer: str = "payment-service"
+    issuer: str = Field(default="payment-service", min_length=1, max_length=MAX_ISSUER_CHARS)
     audience: str = "payment-gateway"
     signing_key: str = "keys/signing.pem"
     signing_alg: Literal["RS256", "PS256", "ES256", "EdDSA"] = "RS256"
@@ -83,7 +85,7 @@ class IssuerSettings(BaseModel):
     """One trusted issuer (``[[issuers]]``)."""
 
     model_config = _STRICT
-    iss: str
+    iss: str = Field(min_length=1, max_length=MAX_ISSUER_CHARS)
     audience: str = "payment-gateway"
     verification_keys: list[str] = Field(min_length=1)
     algorithms: list[str] = ["RS256"]

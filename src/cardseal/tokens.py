@@ -216,6 +216,23 @@ class TokenVerifier:
     def verify(self, token: str | bytes) -> VerifiedToken:
         """Verify ``token``; raise ``TokenError`` (or ``DecryptionError`` for a ``meta_data``
         in a format the issuer does not accept) with the contract code."""
+        parsed, claims, policy = self._authenticate(token)
+        return self._check_claims(parsed.header, claims, policy)
+
+    def signed_issuer(self, token: str | bytes) -> str | None:
+        """The configured issuer whose key signed ``token`` (its header, key and signature
+        checked as ``verify`` checks them), or None. Its claims are not checked: an expired
+        token still names who signed it, which is what scopes an ``Idempotency-Key``."""
+        try:
+            return self._authenticate(token)[2].iss
+        except TokenError:
+            return None
+
+    def _authenticate(
+        self, token: str | bytes
+    ) -> tuple[jws.ParsedJws, dict[str, Any], IssuerPolicy]:
+        """The parsed token, its claim set and its issuer's policy, once the signature is
+        checked; ``TokenError`` otherwise."""
         parsed = jws.parse_compact(token)
         try:
             claims = loads_strict(parsed.payload, max_bytes=jws.MAX_PAYLOAD_BYTES, max_depth=4)
@@ -231,10 +248,9 @@ class TokenVerifier:
             raise TokenError(code="token_issuer_invalid")
         header = parsed.header
         self._check_header(header, policy)
-        key = self._select_key(parsed, policy)
-        if key is None:
+        if self._select_key(parsed, policy) is None:
             raise TokenError(code="token_signature_invalid")
-        return self._check_claims(header, claims, policy)
+        return parsed, claims, policy
 
     def _check_header(self, header: Mapping[str, Any], policy: IssuerPolicy) -> None:
         if header["alg"] not in policy.algorithms:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy import insert, update
 from sqlalchemy.sql import Executable
 
+from cardseal import jws
 from cardseal._encoding import b64url_decode, b64url_encode
 from cardseal.errors import (
     ConfigError,
@@ -612,6 +613,27 @@ def test_forged_token_cannot_claim_an_issuers_idempotency_key(gateway: Gateway,
     forged = tamper_signature(gateway.forge.seal())
     assert_error(pay(client, forged, key=key), 401, "token_signature_invalid")
     assert_payment(pay(client, gateway.forge.seal(), key=key), amount=1999)
+
+
+def test_a_forged_token_learns_nothing_of_an_issuers_keys(gateway: Gateway,
+                                                         client: httpx.Client) -> None:
+    """A token no issuer signed is refused with its own code whatever the key: it cannot
+    tell a merchant's used or in-flight keys (``order-42``: 409) from unused ones (401).
+
+    Regression: the key was looked up under the token's unverified ``iss`` first, so an
+    unsigned token answered 409 idempotency_conflict for every key the issuer had used.
+    """
+    used = "order-" + secrets.token_hex(8)
+    assert_payment(pay(client, gateway.forge.seal(), key=used), amount=1999)
+    in_flight = "order-" + secrets.token_hex(8)
+    assert_payment(pay(client, gateway.forge.seal(), key=in_flight), amount=1999)
+    _leave_in_flight(gateway, in_flight, age=60)
+    unsigned = jws.encode_compact({"alg": "RS256", "typ": "card+jwt"},
+                                  json.dumps({"iss": ISSUER}).encode(), lambda _: b"\0" * 256)
+    for token, code in ((tamper_signature(gateway.forge.seal()), "token_signature_invalid"),
+                        (unsigned, "token_key_unknown")):
+        for key in (used, in_flight, "order-" + secrets.token_hex(8)):
+            assert_error(pay(client, token, key=key), 401, code)
 
 
 def test_refused_parameters_are_not_saved_under_the_key(gateway: Gateway,

@@ -200,6 +200,8 @@ def test_explicit_overrides_win(config: Path) -> None:
         ("[gateway]\n", "port = 'x'\n"),
         ("[gateway]\n", "database_pool_size = 1\n"),
         ("[gateway]\n", "database_pool_size = 101\n"),
+        ("[[issuers]]\n", "iss = '" + "i" * 256 + "'\n"),  # past the ledger's column
+        ("[client]\n", "issuer = ''\n"),
     ],
 )
 def test_unknown_or_invalid_keys(config: Path, anchor: str, extra: str) -> None:

@@ -3,8 +3,9 @@ record, forget.
 
 Order of work for one request (each step's failure is the contract code in brackets):
 1. body size and strict JSON [request_too_large, request_invalid];
-2. with an ``Idempotency-Key``: claim it under the token's issuer, or replay the stored
-   response [idempotency_conflict];
+2. with an ``Idempotency-Key``: claim it under the issuer whose key signed the token, or
+   replay the stored response [idempotency_conflict]; a token no issuer signed never reaches
+   the key (it learns nothing of it and writes nothing);
 3. verify the token [token_*]; resolve amount and currency [amount_mismatch];
 4. reserve the token for one charge [token_replayed];
 5. decrypt ``meta_data`` and validate the card [meta_data_*, decryption_failed, kms_*, card_*],
@@ -16,8 +17,7 @@ Order of work for one request (each step's failure is the contract code in brack
 Retryable failures (KMS, processor, storage) give the token back and forget the idempotency key,
 so the client's retry is charged under the same payment id (the processor's idempotency key).
 Requests refused before the token was verified and reserved (token_*, request_invalid,
-amount_mismatch) forget the key too: the key is scoped by an issuer that only verification
-establishes, and a refused request saves no result (as Stripe).
+amount_mismatch) forget the key too: a refused request saves no result (as Stripe).
 
 The processor gets ``processor_timeout`` seconds; a late, failed or crashed processor call is
 ``processor_unavailable`` (its outcome is unknown: the retry reuses the payment id). When the
@@ -58,8 +58,8 @@ from cardseal.tokens import TokenVerifier, VerifiedToken, replay_key_of, valid_r
 
 _RETRYABLE = frozenset({"kms_unavailable", "processor_unavailable", "storage_unavailable"})
 # Refused before the token was verified and reserved. As Stripe, such a request saves no
-# idempotent result: the key is forgotten. Above all, a forged token names any ``iss`` it
-# likes, so storing its 401 would let anyone block a merchant's next key.
+# idempotent result: the key is forgotten (a token whose claims are refused, expired say, is
+# signed by its issuer but may be the wrong one for the key: its 401 is not the key's answer).
 _NOT_SAVED = _RETRYABLE | {"request_invalid", "amount_mismatch"}
 DEFAULT_PROCESSOR_TIMEOUT: Final = 10.0
 MAX_PROCESSOR_TIMEOUT: Final = 300.0
@@ -96,19 +96,13 @@ def error_outcome(err: CardsealError) -> Outcome:
 
 
 def _unverified_claims(token: str) -> dict[str, Any] | None:
-    """The claim set a token carries, unverified (None when it has none): only to scope an
-    idempotency key, and to find what a request already recorded under one."""
+    """The claim set a token carries, its claims unchecked (None when it has none): only to
+    find what a request already recorded under an idempotency key."""
     try:
         claims = loads_strict(jws.parse_compact(token).payload, max_bytes=jws.MAX_PAYLOAD_BYTES)
     except (CardsealError, ValueError):
         return None
     return claims if isinstance(claims, dict) else None
-
-
-def _unverified_issuer(token: str) -> str | None:
-    """The ``iss`` a token claims, unverified: only to scope an idempotency key lookup."""
-    iss = (_unverified_claims(token) or {}).get("iss")
-    return iss if isinstance(iss, str) and len(iss) <= 255 else None
 
 
 def _payment_outcome(row: dict[str, Any]) -> Outcome:
@@ -209,9 +203,11 @@ class PaymentService:
             return await self._create(request)
         if not 1 <= len(idempotency_key) <= 255 or not idempotency_key.isprintable():
             return error_outcome(RequestError("Idempotency-Key must be 1-255 characters."))
-        issuer = _unverified_issuer(request.token)
-        if issuer is None or self._verifier.issuer(issuer) is None:
-            # Nothing to scope the key by (no configured issuer): the token is refused anyway.
+        # The key is the signing issuer's: a token none of them signed is refused without
+        # touching it, or anyone could tell a merchant's used keys (order-42: 409, order-43:
+        # 401) and make the store write and delete a row per forged request.
+        issuer = self._verifier.signed_issuer(request.token)
+        if issuer is None:
             return await self._create(request)
         request_hash = hashlib.sha256(_dumps(request.model_dump())).hexdigest()
         try:
