@@ -94,7 +94,8 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 
 
 def pay(client: httpx.Client, token: str, amount: int | None = 1999,
-        currency: str | None = "USD", *, key: str | None = None, **extra: Any) -> httpx.Response:
+        currency: str | None = "USD", *, key: str | bytes | None = None,
+        **extra: Any) -> httpx.Response:
     body: dict[str, Any] = {"token": token, **extra}
     if amount is not None:
         body["amount"] = amount
@@ -150,7 +151,9 @@ def test_healthz_readyz_metrics_openapi(gateway: Gateway, client: httpx.Client) 
 
 def test_unknown_route_and_method(client: httpx.Client) -> None:
     assert_error(client.get("/v1/nothing"), 404, "not_found")
-    assert_error(client.delete("/v1/payments"), 405, "request_invalid")
+    wrong = client.delete("/v1/payments")
+    assert_error(wrong, 405, "request_invalid")
+    assert wrong.headers["allow"] == "POST"  # a 405 names what the resource takes (RFC 9110)
     # A trailing slash is another path: the contract's 404, not a redirect whose Location
     # comes from the request's Host header.
     for path in ("/v1/payments/", "/healthz/"):
@@ -268,6 +271,22 @@ def test_idempotency_key_too_long_is_request_invalid(gateway: Gateway,
     key = secrets.token_hex(8) + "k" * 239  # 255 characters, fresh in a shared database
     assert_error(pay(client, token, key=key + "k"), 400, "request_invalid")
     assert pay(client, token, key=key).status_code == 201
+
+
+def test_idempotency_key_is_utf8_text(gateway: Gateway, client: httpx.Client) -> None:
+    """A key's length counts characters, as the contract says, and its UTF-8 bytes are read
+    as UTF-8: "clé" is stored as "clé" (it was read as latin-1, "clÃ©", and a 255-character
+    key of two-byte letters was refused as too long). Bytes that are no UTF-8 are no key."""
+    token = gateway.forge.seal()
+    key = "clé-" + secrets.token_hex(8) + "é" * 235  # 255 characters, 491 bytes
+    assert_error(pay(client, token, key=(key + "é").encode()), 400, "request_invalid")
+    assert_error(pay(client, token, key=b"order-\xff\xfe"), 400, "request_invalid")
+    first = pay(client, token, key=key.encode())
+    assert_payment(first, amount=1999)
+    again = pay(client, token, key=key.encode())
+    assert (again.status_code, again.content) == (201, first.content)
+    stored = gateway.home.query("SELECT key FROM idempotency_keys WHERE key LIKE 'cl%'")
+    assert key in [row["key"] for row in stored]
 
 
 def test_request_too_large(gateway: Gateway, client: httpx.Client) -> None:
@@ -676,8 +695,29 @@ def test_get_payment_unauthorized(gateway: Gateway, client: httpx.Client,
         {"Authorization": f"bearer {key}x"},
         {"Authorization": f"Bearer {key}{'x' * 600}"},  # was an undocumented 400
     ):
-        assert_error(client.get(path, headers=headers), 401, "unauthorized")
+        refused = client.get(path, headers=headers)
+        assert_error(refused, 401, "unauthorized")
+        assert refused.headers["www-authenticate"] == "Bearer"
+    for scheme in ("bearer", "BEARER"):  # a scheme's name is case-insensitive (RFC 9110)
+        assert client.get(path, headers={"Authorization": f"{scheme} {key}"}).status_code == 200
     assert_error(client.get("/v1/payments/pay_unknown"), 401, "unauthorized")
+
+
+def test_head_is_a_get_without_its_body(gateway: Gateway, client: httpx.Client,
+                                        payment_of_each_issuer: dict[str, str]) -> None:
+    """RFC 9110 9.3.2: HEAD answers as GET would, without the body (it was 405 everywhere
+    but /openapi.json)."""
+    auth = {"Authorization": f"Bearer {gateway.api_key()}"}
+    for path, headers in (("/healthz", {}), ("/readyz", {}), ("/openapi.json", {}),
+                          (f"/v1/payments/{payment_of_each_issuer[ISSUER]}", auth)):
+        got, head = client.get(path, headers=headers), client.head(path, headers=headers)
+        assert (got.status_code, head.status_code, head.content) == (200, 200, b""), path
+        for name in ("content-type", "content-length"):
+            assert head.headers[name] == got.headers[name], (path, name)
+    refused = client.head(f"/v1/payments/{payment_of_each_issuer[ISSUER]}")
+    assert (refused.status_code, refused.headers["www-authenticate"]) == (401, "Bearer")
+    wrong = client.head("/v1/payments")
+    assert (wrong.status_code, wrong.headers["allow"], wrong.content) == (405, "POST", b"")
 
 
 def test_get_payment_not_found(gateway: Gateway, client: httpx.Client,

@@ -77,6 +77,17 @@ def _error(err: CardsealError) -> Response:
     return _send(error_outcome(err))
 
 
+def _utf8(value: str | None) -> str | None:
+    """A header value as the UTF-8 text its bytes hold (Starlette reads them as latin-1, so
+    ``clé`` arrived as ``clÃ©``); "" for bytes that are no UTF-8 (refused as no text)."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return ""
+
+
 def _route_of(path: str) -> str:
     if path.startswith("/v1/payments/"):
         return "/v1/payments/{id}"
@@ -127,10 +138,13 @@ class _Observe:
                 status = message["status"]
             await send(message)
 
+        method = scope["method"]
+        if method == "HEAD":  # a GET without its body (RFC 9110 9.3.2): uvicorn drops the body
+            scope = {**scope, "method": "GET"}
         try:
             await self._app(scope, receive, observed)
         finally:
-            self._requests.observe(_route_of(scope["path"]), scope["method"], status,
+            self._requests.observe(_route_of(scope["path"]), method, status,
                                    time.perf_counter() - start)
 
 
@@ -294,7 +308,7 @@ def create_app(
     async def take_payment(headers: Headers, chunks: AsyncIterator[bytes]) -> Outcome:
         body = await _read_body(chunks, headers.get("content-length"), max_body)
         outcome = (error_outcome(RequestError(code="request_too_large")) if body is None
-                   else await service.create(body, headers.get("idempotency-key")))
+                   else await service.create(body, _utf8(headers.get("idempotency-key"))))
         counter = outcome_counters.get(outcome.code)
         if counter is None:  # the contract's codes: a bounded set
             counter = outcome_counters[outcome.code] = metrics.outcomes.labels(outcome.code)
@@ -315,7 +329,7 @@ def create_app(
         if exc.status_code == 404:
             return _error(CardsealError(code="not_found"))
         body = {"error": {"code": "request_invalid", "message": "Method or request not allowed."}}
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # 405: Allow
 
     @app.exception_handler(CardsealError)
     async def _cardseal(_request: Request, exc: CardsealError) -> Response:
@@ -356,9 +370,12 @@ def create_app(
         # No length bound on the header here: an over-long value is no API key (401), not an
         # undocumented 400 (issuer_for_api_key refuses anything over 128 characters unread).
         scheme, _, api_key = (authorization or "").partition(" ")
-        issuer = await store.issuer_for_api_key(api_key) if scheme == "Bearer" else None
+        issuer = (await store.issuer_for_api_key(api_key) if scheme.lower() == "bearer"
+                  else None)  # an auth scheme's name is case-insensitive (RFC 9110 11.1)
         if issuer is None:
-            return _error(CardsealError(code="unauthorized"))
+            response = _error(CardsealError(code="unauthorized"))
+            response.headers["WWW-Authenticate"] = "Bearer"  # as RFC 9110 11.6.1 asks of a 401
+            return response
         # Only what a payment id can be reaches the database: PostgreSQL refuses a NUL in
         # text with an error, which is no storage outage but an unknown payment.
         payment = (await service.get(payment_id, issuer)
