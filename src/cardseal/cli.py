@@ -93,21 +93,24 @@ def read_stdin_limited(limit: int) -> bytes:
 
 def read_card() -> Card:
     """A card from stdin (card JSON) or, on a terminal, from hidden prompts."""
-    if sys.stdin.isatty():
-        number = typer.prompt("Card number", hide_input=True)
-        expiry = typer.prompt("Expiry (MM/YY)")
-        cvv = typer.prompt("CVV", hide_input=True)
+    if sys.stdin.isatty():  # the prompts on stderr: stdout is the command's answer alone
+        number = typer.prompt("Card number", hide_input=True, err=True)
+        expiry = typer.prompt("Expiry (MM/YY)", err=True)
+        cvv = typer.prompt("CVV", hide_input=True, err=True)
         return Card(card_number=number, expiry_date=expiry, cvv=cvv)
     return Card.from_json(read_stdin_limited(MAX_CARD_JSON_BYTES).strip())
 
 
 def read_token(token: str | None) -> str:
+    """The token argument, or stdin's for ``-``: refused alike either way (token_malformed)."""
     if token is None or token == "-":  # noqa: S105 - "-" means stdin
-        raw = read_stdin_limited(jws.MAX_TOKEN_BYTES + 2)
+        raw = sys.stdin.buffer.read(jws.MAX_TOKEN_BYTES + 3)  # + a line break, + 1 to tell
+        if len(raw) > jws.MAX_TOKEN_BYTES + 2:
+            raise TokenError("The token is too large.")
         try:
             token = raw.decode("ascii")
         except UnicodeDecodeError:
-            raise RequestError("The token must be ASCII.") from None
+            raise TokenError() from None
     return token.strip(" \t\r\n")
 
 

@@ -50,7 +50,22 @@ def serve(
     guarded(lambda: run(s, path, host=host, port=port, workers=workers))
 
 
-def _post(url: str, body: dict[str, Any], headers: dict[str, str],
+def _payments_url(base: str, *, option: bool) -> str:
+    """``base`` + ``/v1/payments`` when ``base`` is an http(s) URL of a host (checked before
+    anything is sealed); else ``request_invalid`` for ``--gateway``, ``config_invalid`` for
+    ``client.gateway_url``."""
+    try:
+        url = httpx.URL(base.rstrip("/") + "/v1/payments")
+    except httpx.InvalidURL:  # a control character, a bad port
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host or url.query:
+        if option:
+            raise RequestError("--gateway must be the gateway's http:// or https:// URL.")
+        raise ConfigError("client.gateway_url must be the gateway's http:// or https:// URL.")
+    return str(url)
+
+
+def _post(url: str, body: dict[str, Any], headers: dict[bytes, bytes],
           verify: bool | ssl.SSLContext) -> httpx.Response:
     """POST with the same Idempotency-Key, retrying connection failures and 503s. ``verify``
     is an SSL context, never a CA path (httpx deprecates ``verify=<path>``)."""
@@ -82,13 +97,16 @@ def pay(
 ) -> None:
     """Card JSON on stdin -> seal -> POST /v1/payments -> the payment."""
 
-    def prepare() -> tuple[str, dict[str, Any], dict[str, str], ssl.SSLContext | bool]:
+    def prepare() -> tuple[str, dict[str, Any], dict[bytes, bytes], ssl.SSLContext | bool]:
         s = settings(config)
         payment = payment_option(amount, currency, reference)
         if payment is None:  # pragma: no cover - typer requires amount and currency
             raise RequestError("--amount and --currency are required.")
+        if idempotency_key is not None and not (
+                1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()):
+            raise RequestError("--idempotency-key must be 1-255 printable characters.")
+        url = _payments_url(gateway or s.client.gateway_url, option=gateway is not None)
         token = build_sealer(s).seal(read_card(), payment=payment)
-        url = (gateway or s.client.gateway_url).rstrip("/") + "/v1/payments"
         verify: ssl.SSLContext | bool = True
         if url.startswith("https://"):
             ca = cacert or str(s.path(s.client.gateway_cacert))
@@ -100,7 +118,7 @@ def pay(
         if reference is not None:
             body["reference"] = reference
         key = idempotency_key or "pay-" + secrets.token_urlsafe(16)
-        return url, body, {"Idempotency-Key": key}, verify
+        return url, body, {b"Idempotency-Key": key.encode()}, verify  # UTF-8, as read
 
     url, body, headers, verify = guarded(prepare)
     try:

@@ -144,9 +144,17 @@ def init_dir(directory: str | os.PathLike[str], *, force: bool = False, alg: str
     config = base / "cardseal.toml"
     if config.exists() and not force:
         raise ConfigError(f"{str(config)!r} exists; use --force to overwrite it.")
+    signing_pem = generate_private_key_pem(alg)  # first: an unknown alg leaves nothing behind
+    try:
+        return _write_dir(base, config, signing_pem, alg)
+    except OSError as err:  # a file where the folder should be, no permission, disk full
+        raise ConfigError(f"Cannot write the configuration under {str(base)!r} "
+                          f"({err.strerror or type(err).__name__}).") from None
+
+
+def _write_dir(base: Path, config: Path, signing_pem: bytes, alg: str) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     create_keyring(base / "keys" / "keyring.json", ["main"])
-    signing_pem = generate_private_key_pem(alg)
     _write(base / "keys" / "signing.pem", signing_pem, 0o600)
     signer = PemSigner(
         serialization.load_pem_private_key(signing_pem, password=None),  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from cardseal._encoding import b64url_decode, b64url_encode
-from cardseal.cli import app
+from cardseal.cli import app, read_card
 from cardseal.testing import SAMPLE_PANS, sample_card_json
 
 PAN = SAMPLE_PANS["visa"]
@@ -77,6 +77,14 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 
 def test_init_with_an_unknown_alg(tmp_path: Path) -> None:
     failed(run(None, "init", "--dir", str(tmp_path), "--alg", "HS256"), 2, "config_invalid")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_init_where_it_cannot_write(tmp_path: Path) -> None:
+    """A file where the folder should be: the contract's error, not a traceback (exit 1)."""
+    (tmp_path / "file").write_text("")
+    failed(run(None, "init", "--dir", str(tmp_path / "file")), 2, "config_invalid")
+    failed(run(None, "init", "--dir", str(tmp_path / "file" / "below")), 2, "config_invalid")
 
 
 # -- usage errors -------------------------------------------------------------------------------
@@ -112,6 +120,44 @@ def test_usage_errors_are_exit_2_with_the_json_error(args: list[str], names: str
 def test_help_is_still_help() -> None:
     result = console("--help")
     assert result.returncode == 0 and "pay" in result.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["--idempotency-key", "a\nb"],
+    ["--idempotency-key", ""],
+    ["--idempotency-key", "k" * 256],
+    ["--gateway", "https://127.0.0.1:8443/x\ny"],
+    ["--gateway", "not a url"],
+    ["--gateway", "ftp://127.0.0.1/"],
+    ["--gateway", "https://127.0.0.1:8443/?q=1"],
+])
+def test_pay_refuses_bad_option_values_before_sealing(config: Path, args: list[str]) -> None:
+    """Command-line mistakes are exit 2 with the JSON error, found before the card is sealed
+    or the network tried (they were a traceback, exit 1, or 7 s of retries and exit 7)."""
+    failed(run(config, "pay", "--amount", "1", "--currency", "USD", *args, stdin=CARD),
+           2, "request_invalid")
+
+
+def test_card_prompts_go_to_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the card is asked for on stderr: stdout holds the answer alone, so that
+    ``TOKEN=$(cardseal seal)`` works (the prompts were on stdout, before the token)."""
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    pan = SAMPLE_PANS["mastercard"]
+    answers = iter([pan, "12/39", "987"])
+    asked: list[tuple[str, bool]] = []
+
+    def prompt(text: str, *, err: bool = False, **_: Any) -> str:
+        asked.append((text, err))
+        return next(answers)
+
+    monkeypatch.setattr("cardseal.cli.sys.stdin", Terminal())
+    monkeypatch.setattr("cardseal.cli.typer.prompt", prompt)
+    assert read_card().last4 == pan[-4:]
+    assert [err for _, err in asked] == [True, True, True]
 
 
 def test_pay_with_a_ca_bundle_that_cannot_be_read_is_a_config_error(config: Path,
@@ -237,9 +283,12 @@ def test_seal_refuses_bad_cards(config: Path, card: bytes, exit_code: int, code:
 # -- rejected tokens ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["garbage", "", "a.b.c", "é"])
+@pytest.mark.parametrize("bad", ["garbage", "", "a.b.c", "é", "a" * (17 * 1024)])
 def test_bad_token_exits_3(config: Path, bad: str) -> None:
+    """The same refusal whether the token is the argument or comes on stdin."""
     failed(run(config, "open", bad), 3, "token_malformed")
+    failed(run(config, "open", "-", stdin=bad.encode() + b"\n"), 3, "token_malformed")
+    failed(run(config, "inspect", "-", stdin=bad.encode()), 3, "token_malformed")
 
 
 def test_tampered_signature_exits_3(config: Path, token: str) -> None:
