@@ -32,6 +32,8 @@ _CANONICAL_CARD: Final = re.compile(
     rb'\{"card_number":"([0-9]{12,19})","cvv":"([0-9]{3,4})","expiry_date":"([0-9]{2})/([0-9]{4})"\}')
 _MAX_NAME_CHARS: Final = 128
 _DIGITS: Final = frozenset("0123456789")
+MIN_MASKED_DIGITS: Final = 5
+"""Digits a masked PAN always hides (with the Luhn digit checked, 10^4 candidates at least)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,14 @@ _SCALE: Final = {size: 10 ** (6 - size) for size in range(1, 7)}
 
 # Each digit's Luhn contribution when doubled (2d, less 9 when over 9), as ASCII digits.
 _LUHN_DOUBLED: Final = bytes.maketrans(b"0123456789", b"0246813579")
+
+
+def mask_pan(pan: str) -> str:
+    """``pan`` (digits) masked for display: BIN (first six) and last four, the rest ``*``
+    (PCI DSS 3.4.1's most), with at least ``MIN_MASKED_DIGITS`` hidden, so a PAN under 15
+    digits shows fewer leading ones."""
+    lead = max(0, min(6, len(pan) - 4 - MIN_MASKED_DIGITS))
+    return pan[:lead] + "*" * (len(pan) - lead - 4) + pan[-4:]
 
 
 def luhn_valid(number: str) -> bool:
@@ -282,8 +292,10 @@ class Card:
 
     @property
     def masked(self) -> str:
-        """BIN (first six) and last four, the rest as ``*`` (PCI DSS 3.4.1)."""
-        return self._pan[:6] + "*" * (len(self._pan) - 10) + self._pan[-4:]
+        """``mask_pan``'s view: BIN and last four from 15 digits on, fewer leading digits
+        below (a 12-digit Maestro shown as ``501800**0009`` would be one of ten numbers once
+        its Luhn digit is checked: it is ``501*****0009``)."""
+        return mask_pan(self._pan)
 
     def fingerprint(self, secret: bytes) -> str:
         """A keyed hash of the PAN (HMAC-SHA-256 under ``secret``), stable per secret."""

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cardseal._encoding import dumps_compact
-from cardseal.card import Card, CardView, luhn_valid
+from cardseal.card import MIN_MASKED_DIGITS, Card, CardView, luhn_valid
 from cardseal.errors import CardError, RequestError
 from cardseal.testing import SAMPLE_PANS, sample_card_json
 
@@ -201,9 +201,25 @@ def test_repr_and_str_hide_pan_and_cvv() -> None:
 def test_masked_is_first_six_and_last_four(name: str) -> None:
     pan = SAMPLE_PANS[name]
     card = make(pan)
-    assert card.masked == pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+    if len(pan) >= 15:
+        assert card.masked == pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
     assert len(card.masked) == len(pan)
     assert card.last4 == pan[-4:]
+
+
+@pytest.mark.parametrize(("pan", "masked"), [
+    ("501800000009", "501*****0009"),  # Maestro, 12 digits: was 501800**0009
+    ("4222222222222", "4222*****2222"),  # Visa, 13 digits
+    ("36227206271667", "36227*****1667"),  # Diners, 14 digits
+    ("378282246310005", "378282*****0005"),  # Amex, 15: first six and last four
+    ("6759649826438453", "675964******8453"),
+])
+def test_a_masked_pan_hides_at_least_five_digits(pan: str, masked: str) -> None:
+    """PCI DSS 3.4.1 allows BIN and last four at most. On a 12-digit PAN those leave two
+    digits, and the Luhn digit narrows them to ten numbers: the PAN in all but name, in every
+    response and ledger row. Below 15 digits fewer leading digits show."""
+    assert make(pan).masked == masked
+    assert masked.count("*") >= MIN_MASKED_DIGITS
 
 
 def test_fingerprint_is_keyed_and_stable() -> None:

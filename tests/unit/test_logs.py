@@ -32,11 +32,13 @@ def lines(stream: io.StringIO) -> list[dict[str, object]]:
 def test_structlog_events_are_redacted_json_lines(stream: io.StringIO) -> None:
     log = structlog.get_logger("cardseal.gateway")
     log.info("payment", outcome="authorized", status=201, note=f"card {PAN} used",
-             cvv="123", token="eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0.c2ln")
+             cvv="123", token="eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0.c2ln",
+             short="visa 4222222222222")
     log.debug("not at INFO")
     (line,) = lines(stream)
     assert line["event"] == "payment" and line["level"] == "info" and line["status"] == 201
     assert line["note"] == "card 411111******1111 used"
+    assert line["short"] == "visa 4222*****2222"  # as Card.masked: five digits hidden at least
     assert line["cvv"] == line["token"] == "[redacted]"
     assert "timestamp" in line
     assert PAN not in stream.getvalue()

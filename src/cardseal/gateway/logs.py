@@ -17,7 +17,7 @@ from typing import Any, Final
 import orjson
 import structlog
 
-from cardseal.card import luhn_valid
+from cardseal.card import luhn_valid, mask_pan
 
 SECRET_KEYS: Final = frozenset({
     "token", "meta_data", "card_number", "pan", "cvv", "cvc", "authorization", "api_key",
@@ -30,7 +30,7 @@ _JOSE: Final = re.compile(r"eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){2,4}")
 def _mask_run(match: re.Match[str]) -> str:
     digits = re.sub(r"[ -]", "", match.group(0))
     if 13 <= len(digits) <= 19 and luhn_valid(digits):
-        return digits[:6] + "*" * (len(digits) - 10) + digits[-4:]
+        return mask_pan(digits)
     return match.group(0)
 
 
