@@ -343,6 +343,7 @@ def test_inspect_does_not_verify(config: Path, token: str) -> None:
     out = ok(run(config, "inspect", f"{header}.{payload}.{flipped}"))
     assert out["verified"] is False
     assert ok(run(None, "inspect", "-", stdin=token))["claims"] == out["claims"]
+    assert ok(run(None, "inspect", "--config", "unused.toml", token))["claims"] == out["claims"]
 
 
 @pytest.mark.parametrize("payload", [b"not json", b"[1]", b'{"a": 1, "a": 2}'])
