@@ -70,8 +70,8 @@ class CardOpener:
         if not allow_remote and any(self._providers.is_remote(key) for key in allowed):
             raise NeedsRemoteKms
         context = None
-        if not policy.legacy or token.is_card_jwt:  # cardseal's own tokens bind their context,
-            jti = token.jti                         # a legacy issuer's too (the seed's do not)
+        if not policy.legacy:
+            jti = token.jti
             if jti is None:
                 raise DecryptionError(code="meta_data_malformed")
             context = kms_direct_context(policy.iss, policy.audience, jti)

@@ -144,12 +144,6 @@ class VerifiedToken:
         return jti if isinstance(jti, str) else None
 
     @property
-    def is_card_jwt(self) -> bool:
-        """Typed ``card+jwt`` (as cardseal seals), not the seed's ``JWT`` or no ``typ``."""
-        typ = self.header.get("typ")
-        return isinstance(typ, str) and typ.lower() in _TYPES_NON_LEGACY
-
-    @property
     def meta_data(self) -> str:
         value: str = self.claims["meta_data"]
         return value

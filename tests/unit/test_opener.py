@@ -220,23 +220,6 @@ def test_legacy_kms_direct_without_context_jti_or_kid(tmp_path: Path) -> None:
     assert open_code(setup.opener, token) == "decryption_failed"
 
 
-def test_cardseals_own_kms_direct_opens_for_a_legacy_issuer(tmp_path: Path) -> None:
-    """A legacy issuer admits the seed's tokens, and cardseal's own too: a ``card+jwt``
-    token binds its ``kms-direct`` ciphertext to the token's context as it does for any
-    issuer (it was opened without one, so ``seal --format kms-direct`` could not reach a
-    legacy issuer: decryption_failed)."""
-    setup = LocalSetup.create(tmp_path, legacy=True, format="kms-direct")
-    token = setup.verifier.verify(setup.sealer.seal(CARD))
-    assert (token.meta_data_format, token.is_card_jwt) == ("kms-direct", True)
-    assert setup.opener.open_card(token).pan == CARD.pan
-    # Typed card+jwt, a context-free (seed) ciphertext does not open: no downgrade by typ.
-    jti = secrets.token_urlsafe(16)
-    blob = setup.providers.encrypt("local://main", CARD.to_json(), None)
-    token = setup.verifier.verify(sign(setup, claims_for(base64.b64encode(blob).decode(), jti)))
-    assert token.is_card_jwt
-    assert open_code(setup.opener, token) == "decryption_failed"
-
-
 def test_open_plaintext_is_the_card_json(setup: LocalSetup) -> None:
     token = TokenVerifier(issuers=[setup.policy]).verify(setup.sealer.seal(CARD))
     assert setup.opener.open_plaintext(token) == CARD.to_json()
