@@ -58,7 +58,8 @@ def _payments_url(base: str, *, option: bool) -> str:
         url = httpx.URL(base.rstrip("/") + "/v1/payments")
     except httpx.InvalidURL:  # a control character, a bad port
         url = None
-    if url is None or url.scheme not in ("http", "https") or not url.host or url.query:
+    if (url is None or url.scheme not in ("http", "https") or not url.host or url.query
+            or url.fragment):
         if option:
             raise RequestError("--gateway must be the gateway's http:// or https:// URL.")
         raise ConfigError("client.gateway_url must be the gateway's http:// or https:// URL.")
@@ -105,8 +106,8 @@ def pay(
         if idempotency_key is not None and not (
                 1 <= len(idempotency_key) <= 255 and idempotency_key.isprintable()):
             raise RequestError("--idempotency-key must be 1-255 printable characters.")
-        url = _payments_url(gateway or s.client.gateway_url, option=gateway is not None)
-        token = build_sealer(s).seal(read_card(), payment=payment)
+        url = _payments_url(s.client.gateway_url if gateway is None else gateway,
+                            option=gateway is not None)
         verify: ssl.SSLContext | bool = True
         if url.startswith("https://"):
             ca = cacert or str(s.path(s.client.gateway_cacert))
@@ -114,6 +115,7 @@ def pay(
                 verify = ssl.create_default_context(cafile=ca)
             except (OSError, ValueError):  # ssl.SSLError is an OSError
                 raise ConfigError(f"The CA bundle {ca} cannot be read as PEM.") from None
+        token = build_sealer(s).seal(read_card(), payment=payment)
         body = {"token": token, "amount": payment.amount, "currency": payment.currency}
         if reference is not None:
             body["reference"] = reference

@@ -141,18 +141,18 @@ def init_dir(directory: str | os.PathLike[str], *, force: bool = False, alg: str
     Raises ``ConfigError`` if ``cardseal.toml`` exists there and ``force`` is false.
     """
     base = Path(directory)
-    config = base / "cardseal.toml"
-    if config.exists() and not force:
-        raise ConfigError(f"{str(config)!r} exists; use --force to overwrite it.")
     signing_pem = generate_private_key_pem(alg)  # first: an unknown alg leaves nothing behind
     try:
-        return _write_dir(base, config, signing_pem, alg)
+        return _write_dir(base, signing_pem, alg, force=force)
     except OSError as err:  # a file where the folder should be, no permission, disk full
         raise ConfigError(f"Cannot write the configuration under {str(base)!r} "
                           f"({err.strerror or type(err).__name__}).") from None
 
 
-def _write_dir(base: Path, config: Path, signing_pem: bytes, alg: str) -> Path:
+def _write_dir(base: Path, signing_pem: bytes, alg: str, *, force: bool) -> Path:
+    config = base / "cardseal.toml"
+    if config.exists() and not force:
+        raise ConfigError(f"{str(config)!r} exists; use --force to overwrite it.")
     base.mkdir(parents=True, exist_ok=True)
     create_keyring(base / "keys" / "keyring.json", ["main"])
     _write(base / "keys" / "signing.pem", signing_pem, 0o600)

@@ -113,6 +113,25 @@ class IssuerPolicy:
 _SEAL: Final = object()
 
 
+class SignedToken:
+    """A token whose signature was checked and whose claims were not: only
+    ``TokenVerifier.authenticate`` makes one, and only ``check_claims`` turns it into a
+    ``VerifiedToken``."""
+
+    __slots__ = ("claims", "header", "issuer")
+
+    def __init__(self, _seal: object, header: Mapping[str, Any], claims: dict[str, Any],
+                 issuer: IssuerPolicy, /) -> None:
+        if _seal is not _SEAL:
+            raise TypeError("SignedToken is made by TokenVerifier.authenticate only")
+        self.header = header
+        self.claims = claims
+        self.issuer = issuer
+
+    def __repr__(self) -> str:
+        return f"SignedToken(iss={self.issuer.iss!r})"
+
+
 class VerifiedToken:
     """A token whose signature and claims were checked. Only ``verify()`` makes one."""
 
@@ -219,20 +238,20 @@ class TokenVerifier:
         parsed, claims, policy = self._authenticate(token)
         return self._check_claims(parsed.header, claims, policy)
 
-    def signed_issuer(self, token: str | bytes) -> str | None:
-        """The configured issuer whose key signed ``token`` (its header, key and signature
-        checked as ``verify`` checks them), or None. Its claims are not checked: an expired
-        token still names who signed it, which is what scopes an ``Idempotency-Key``."""
-        try:
-            return self._authenticate(token)[2].iss
-        except TokenError:
-            return None
+    def authenticate(self, token: str | bytes) -> SignedToken:
+        """``verify``'s first half: the token's header, key and signature checked, its claims
+        not yet (``TokenError`` otherwise). An expired token still names who signed it, which
+        is what scopes an ``Idempotency-Key``; ``check_claims`` finishes the verification."""
+        parsed, claims, policy = self._authenticate(token)
+        return SignedToken(_SEAL, parsed.header, claims, policy)
+
+    def check_claims(self, signed: SignedToken) -> VerifiedToken:
+        """``verify``'s second half, on what ``authenticate`` returned: the claims."""
+        return self._check_claims(signed.header, signed.claims, signed.issuer)
 
     def _authenticate(
         self, token: str | bytes
     ) -> tuple[jws.ParsedJws, dict[str, Any], IssuerPolicy]:
-        """The parsed token, its claim set and its issuer's policy, once the signature is
-        checked; ``TokenError`` otherwise."""
         parsed = jws.parse_compact(token)
         try:
             claims = loads_strict(parsed.payload, max_bytes=jws.MAX_PAYLOAD_BYTES, max_depth=4)
@@ -246,8 +265,7 @@ class TokenVerifier:
         policy = self._issuers.get(iss) if isinstance(iss, str) else None
         if policy is None:
             raise TokenError(code="token_issuer_invalid")
-        header = parsed.header
-        self._check_header(header, policy)
+        self._check_header(parsed.header, policy)
         if self._select_key(parsed, policy) is None:
             raise TokenError(code="token_signature_invalid")
         return parsed, claims, policy

@@ -718,6 +718,8 @@ def test_head_is_a_get_without_its_body(gateway: Gateway, client: httpx.Client,
     assert (refused.status_code, refused.headers["www-authenticate"]) == (401, "Bearer")
     wrong = client.head("/v1/payments")
     assert (wrong.status_code, wrong.headers["allow"], wrong.content) == (405, "POST", b"")
+    assert_error(posted := client.post("/healthz"), 405, "request_invalid")
+    assert posted.headers["allow"] == "GET, HEAD"
 
 
 def test_get_payment_not_found(gateway: Gateway, client: httpx.Client,

@@ -13,6 +13,7 @@ import json
 import secrets
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,6 +210,17 @@ def test_websocket_upgrade_is_plain_http_and_logs_nothing(gateway: Gateway) -> N
     head, _ = _exchange(gateway, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"
                         b"Connection: Upgrade, close\r\nUpgrade: websocket\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
+    # httptools stops at an Upgrade request's head (what follows is the other protocol's):
+    # answered, then closed, not kept open with a body and a next request left unread.
+    body = b'{"token": "x", "amount": 1, "currency": "USD"}'
+    started = time.monotonic()
+    head, payload = _exchange(
+        gateway, b"POST /v1/payments HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+        b"Upgrade: h2c\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n" % (len(body), body))
+    assert time.monotonic() - started < 2  # not the keep-alive timeout's close
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower(), head
+    assert json.loads(payload)["error"]["code"] == "request_invalid"
     log = gateway.log_path.read_text(errors="replace")
     assert marker not in log
     assert "WebSocket" not in log and "Unsupported upgrade" not in log

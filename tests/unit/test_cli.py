@@ -130,6 +130,8 @@ def test_help_is_still_help() -> None:
     ["--gateway", "not a url"],
     ["--gateway", "ftp://127.0.0.1/"],
     ["--gateway", "https://127.0.0.1:8443/?q=1"],
+    ["--gateway", "https://127.0.0.1:8443/#x"],
+    ["--gateway", ""],
 ])
 def test_pay_refuses_bad_option_values_before_sealing(config: Path, args: list[str]) -> None:
     """Command-line mistakes are exit 2 with the JSON error, found before the card is sealed

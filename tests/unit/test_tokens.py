@@ -29,7 +29,7 @@ from cardseal.keys.jwk import VerificationKey, VerificationKeySet, public_jwk
 from cardseal.keys.signing import PemSigner, generate_private_key_pem
 from cardseal.opener import CardOpener
 from cardseal.testing import AUDIENCE, ISSUER, SAMPLE_PANS, LocalSetup, sample_card_json
-from cardseal.tokens import IssuerPolicy, TokenVerifier, VerifiedToken
+from cardseal.tokens import IssuerPolicy, SignedToken, TokenVerifier, VerifiedToken
 
 T = 1_750_000_000
 CARD = Card.from_json(sample_card_json(SAMPLE_PANS["visa"]))
@@ -129,6 +129,28 @@ def test_expiry_with_30_s_leeway(setup: LocalSetup, clock: Clock, after_exp: flo
         assert setup.verifier.verify(token).exp == T + 300
     else:
         refused(setup.verifier, token, "token_expired")
+
+
+def test_authenticate_is_verify_without_the_claims(setup: LocalSetup, clock: Clock) -> None:
+    """``authenticate`` checks header, key and signature and nothing else (an expired token
+    still names its signer, for the gateway's idempotency keys); ``check_claims`` on what it
+    returns is ``verify``. A ``SignedToken`` is made by ``authenticate`` alone."""
+    token = setup.sealer.seal(CARD)
+    signed = setup.verifier.authenticate(token)
+    assert signed.issuer is setup.policy and signed.claims == decode(token)[1]
+    assert setup.verifier.check_claims(signed).claims == setup.verifier.verify(token).claims
+    clock.now = T + 3600
+    expired = setup.verifier.authenticate(token)  # the signature does not expire
+    with pytest.raises(CardsealError) as excinfo:
+        setup.verifier.check_claims(expired)
+    assert excinfo.value.code == "token_expired"
+    head, payload, _ = token.split(".")
+    with pytest.raises(CardsealError) as excinfo:
+        setup.verifier.authenticate(f"{head}.{payload}.{'A' * 342}")
+    assert excinfo.value.code == "token_signature_invalid"
+    with pytest.raises(TypeError):
+        SignedToken(object(), signed.header, signed.claims, signed.issuer)
+    assert "meta_data" not in repr(signed) and CARD.pan not in repr(signed)
 
 
 @pytest.mark.parametrize(("claims", "ok"), [

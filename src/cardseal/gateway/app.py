@@ -329,7 +329,10 @@ def create_app(
         if exc.status_code == 404:
             return _error(CardsealError(code="not_found"))
         body = {"error": {"code": "request_invalid", "message": "Method or request not allowed."}}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)  # 405: Allow
+        headers = dict(exc.headers or {})  # a 405's Allow; HEAD goes wherever GET does
+        if "GET" in headers.get("Allow", "").split(", "):
+            headers["Allow"] += ", HEAD"
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(CardsealError)
     async def _cardseal(_request: Request, exc: CardsealError) -> Response:

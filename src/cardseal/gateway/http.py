@@ -93,10 +93,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _unsupported_upgrade_warning(self) -> None:
-        """Nothing to log: an ``Upgrade`` request is answered as plain HTTP (the gateway
-        serves no WebSocket, ``serve`` runs uvicorn with ``ws="none"``). uvicorn's own two
-        warnings, one of them advice to install a WebSocket library, would let any client
-        write them to the log with every request."""
+        """An ``Upgrade`` request is answered as plain HTTP (the gateway serves no WebSocket,
+        ``serve`` runs uvicorn with ``ws="none"``), then its connection closed: httptools
+        stops at its head, taking what follows for the protocol asked for, so nothing more
+        on the connection would be read (a body or a next request sat there unanswered).
+        Nothing is logged: uvicorn's two warnings, one of them advice to install a WebSocket
+        library, would let any client write them to the log with every request."""
+        if self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes httptools refused: 431 where a field passed the bound,

@@ -43,18 +43,29 @@ import structlog
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from cardseal import jws
 from cardseal._currencies import CURRENCIES
 from cardseal._encoding import loads_strict
 from cardseal.card import CardView
 from cardseal.envelope import NeedsRemoteKms
-from cardseal.errors import CardsealError, ConfigError, ProcessorError, RequestError
+from cardseal.errors import (
+    CardsealError,
+    ConfigError,
+    ProcessorError,
+    RequestError,
+    TokenError,
+)
 from cardseal.gateway.schemas import PaymentRequest
 from cardseal.opener import CardOpener
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
 from cardseal.storage.replay import ReplayStore
 from cardseal.storage.sql import IdempotentReplay, IdempotentTakeover, SqlStore, replay_id
-from cardseal.tokens import TokenVerifier, VerifiedToken, replay_key_of, valid_reference
+from cardseal.tokens import (
+    SignedToken,
+    TokenVerifier,
+    VerifiedToken,
+    replay_key_of,
+    valid_reference,
+)
 
 _RETRYABLE = frozenset({"kms_unavailable", "processor_unavailable", "storage_unavailable"})
 # Refused before the token was verified and reserved. As Stripe, such a request saves no
@@ -93,16 +104,6 @@ def _dumps(value: Any) -> bytes:
 
 def error_outcome(err: CardsealError) -> Outcome:
     return Outcome(err.http_status, _dumps(err.to_dict()), err.code)
-
-
-def _unverified_claims(token: str) -> dict[str, Any] | None:
-    """The claim set a token carries, its claims unchecked (None when it has none): only to
-    find what a request already recorded under an idempotency key."""
-    try:
-        claims = loads_strict(jws.parse_compact(token).payload, max_bytes=jws.MAX_PAYLOAD_BYTES)
-    except (CardsealError, ValueError):
-        return None
-    return claims if isinstance(claims, dict) else None
 
 
 def _payment_outcome(row: dict[str, Any]) -> Outcome:
@@ -206,9 +207,11 @@ class PaymentService:
         # The key is the signing issuer's: a token none of them signed is refused without
         # touching it, or anyone could tell a merchant's used keys (order-42: 409, order-43:
         # 401) and make the store write and delete a row per forged request.
-        issuer = self._verifier.signed_issuer(request.token)
-        if issuer is None:
-            return await self._create(request)
+        try:
+            signed = self._verifier.authenticate(request.token)
+        except TokenError as err:  # what verification would answer first anyway
+            return error_outcome(err)
+        issuer = signed.issuer.iss
         request_hash = hashlib.sha256(_dumps(request.model_dump())).hexdigest()
         try:
             stored = await self._store.begin_idempotent(
@@ -220,7 +223,7 @@ class PaymentService:
         recorded = None
         if isinstance(stored, IdempotentTakeover):
             try:
-                recorded = await self._recorded_payment(request.token, issuer)
+                recorded = await self._recorded_payment(signed)
             except CardsealError as err:  # the database again: the next retry takes it over
                 with contextlib.suppress(CardsealError):
                     await self._store.reopen_idempotent(issuer, idempotency_key)
@@ -229,7 +232,7 @@ class PaymentService:
             answer = _payment_outcome(recorded)
             outcome = Outcome(answer.status, answer.body, "idempotent_replay")
         else:
-            outcome = await self._create(request)
+            outcome = await self._create(request, signed)
         if outcome.code in _NOT_SAVED or outcome.status == 401:  # 401: token_* refused
             def settle() -> Awaitable[None]:
                 return self._store.abandon_idempotent(issuer, idempotency_key)
@@ -245,15 +248,16 @@ class PaymentService:
             self._repair_later(settle, time.time() + _IDEMPOTENCY_REPAIR_SECONDS)
         return outcome
 
-    async def _recorded_payment(self, token: str, issuer: str) -> dict[str, Any] | None:
+    async def _recorded_payment(self, signed: SignedToken) -> dict[str, Any] | None:
         """The payment a run of this very request recorded before its gateway died, if any.
 
         Only for a key taken over (``IdempotentTakeover``): its stored hash proves this body,
         token included, is the one that run had, and that run verified the token before it
-        could record anything; the token may have expired since, so it is read, not verified
-        again. A run that died after reserving the token but before recording the payment
-        leaves it refused (``token_replayed``: whether the processor charged is unknown)."""
-        claims = _unverified_claims(token) or {}
+        could record anything; its signature is checked (``signed``), its claims are not: the
+        token may have expired since. A run that died after reserving the token but before
+        recording the payment leaves it refused (``token_replayed``: whether the processor
+        charged is unknown)."""
+        claims, issuer = signed.claims, signed.issuer.iss
         meta_data = claims.get("meta_data")
         if not isinstance(meta_data, str):
             return None
@@ -263,9 +267,12 @@ class PaymentService:
             return None
         return await self._store.payment_of_token(rid, issuer)
 
-    async def _create(self, request: PaymentRequest) -> Outcome:
+    async def _create(self, request: PaymentRequest, signed: SignedToken | None = None,
+                      ) -> Outcome:
+        """The payment, the token verified here or, ``signed`` already, its claims checked."""
         try:
-            verified = self._verifier.verify(request.token)
+            verified = (self._verifier.verify(request.token) if signed is None
+                        else self._verifier.check_claims(signed))
             amount, currency, reference = self._charge_terms(verified, request)
         except CardsealError as err:
             return error_outcome(err)
