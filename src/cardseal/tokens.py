@@ -1,6 +1,7 @@
 """Card tokens: the claim rules of CONTRACT.md section 3, and ``TokenVerifier.verify``.
 
-Only ``TokenVerifier.verify`` constructs a ``VerifiedToken`` (as Tink's ``VerifiedJwt``): code
+Only ``TokenVerifier.verify`` constructs a ``VerifiedToken`` (as Tink's ``VerifiedJwt``), or
+its two halves, ``authenticate`` then ``check_claims``, which the gateway runs apart: code
 holding one knows the signature, issuer, audience, lifetime and claim types were checked. The
 token's single use is the gateway's job (``VerifiedToken.replay_key``).
 
@@ -133,7 +134,8 @@ class SignedToken:
 
 
 class VerifiedToken:
-    """A token whose signature and claims were checked. Only ``verify()`` makes one."""
+    """A token whose signature and claims were checked. Only ``verify()`` (or
+    ``check_claims()`` on a ``SignedToken``) makes one."""
 
     __slots__ = ("claims", "header", "issuer", "meta_data_format", "payment", "replay_key")
 
@@ -228,9 +230,6 @@ class TokenVerifier:
     @property
     def leeway(self) -> int:
         return self._leeway
-
-    def issuer(self, iss: str) -> IssuerPolicy | None:
-        return self._issuers.get(iss)
 
     def verify(self, token: str | bytes) -> VerifiedToken:
         """Verify ``token``; raise ``TokenError`` (or ``DecryptionError`` for a ``meta_data``
