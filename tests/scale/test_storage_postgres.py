@@ -120,6 +120,29 @@ def test_a_payment_whose_commit_answer_was_lost_is_recorded_once(
     run(postgres, scenario)
 
 
+async def answer_lost_with_its_check(store: SqlStore) -> None:
+    """A payment recorded by a run whose answer and check were both lost (it gave the token
+    back): the retry, under the same payment id, gets that payment back, not token_replayed;
+    another payment id for the token is still a replay."""
+    rid = replay_id("payment-service", "jti-recorded-then-retried")
+    payment_id = await store.reserve_token(rid, int(time.time()) + 60)
+    assert await store.record_payment(payment_row(payment_id, rid)) is None
+    retried = payment_row(payment_id, rid) | {"processor_ref": "ref-of-the-retry"}
+    recorded = await store.record_payment(retried)
+    assert recorded is not None
+    assert (recorded["id"], recorded["processor_ref"]) == (payment_id, "ref")
+    with pytest.raises(TokenError) as excinfo:
+        await store.record_payment(payment_row(new_payment_id(), rid))
+    assert excinfo.value.code == "token_replayed"
+
+
+def test_a_retry_finds_the_payment_its_lost_run_recorded(postgres: PostgresServer) -> None:
+    async def scenario(store: SqlStore, _faults: LostCommitAnswers) -> None:
+        await answer_lost_with_its_check(store)
+
+    run(postgres, scenario)
+
+
 def test_a_failure_before_the_commit_is_storage_unavailable(postgres: PostgresServer) -> None:
     """The check tells a lost answer from a real failure: nothing landed, nothing is claimed."""
 

@@ -16,7 +16,7 @@ from cardseal.errors import TokenError
 from cardseal.storage.migrate import upgrade
 from cardseal.storage.sql import SqlStore, new_payment_id
 from cardseal.storage.sqlite_writer import SqliteWriter
-from tests.scale.test_storage_postgres import payment_row
+from tests.scale.test_storage_postgres import answer_lost_with_its_check, payment_row
 from tests.unit.test_sqlite_writer import in_one_batch
 
 EXPIRES = 4_000_000_000
@@ -106,3 +106,14 @@ def test_payments_of_one_batch_are_recorded_and_their_tokens_done(database: str)
                  before=reserve) == [None] * 20
     assert len(query(database, "SELECT id FROM payments")) == 20
     assert {row[0] for row in query(database, "SELECT state FROM used_tokens")} == {"done"}
+
+
+def test_a_retry_finds_the_payment_its_lost_run_recorded(database: str) -> None:
+    async def scenario() -> None:
+        store = SqlStore(url=f"sqlite:///{database}")
+        try:
+            await answer_lost_with_its_check(store)
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

@@ -306,7 +306,7 @@ class PaymentService:
             "created_at": datetime.now(UTC).replace(microsecond=0),
         }
         try:
-            await self._store.record_payment(row)
+            recorded = await self._store.record_payment(row)  # an earlier run's, if it landed
         except CardsealError as err:
             await self._settle_failed(rid, err, expires_at)
             return error_outcome(err)
@@ -316,7 +316,7 @@ class PaymentService:
             # The payment is recorded: answer it. Never release the token now (a retry would
             # charge again); its record stays pending, which refuses it all the same.
             pass
-        return _payment_outcome(row)
+        return _payment_outcome(row if recorded is None else recorded)
 
     async def _charge_fetching(
         self, data_key: Hashable | None, verified: VerifiedToken, payment_id: str, amount: int,

@@ -562,10 +562,14 @@ class SqlStore:
 
     # -- ledger -------------------------------------------------------------------------------
 
-    async def record_payment(self, row: dict[str, Any]) -> None:
-        """Insert the payment and mark its token done, in one transaction.
+    async def record_payment(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """Insert the payment and mark its token done, in one transaction; None.
 
-        Raises ``TokenError(token_replayed)`` when the ledger already holds a payment for this
+        When the ledger already holds this very payment (its id and its token), an earlier
+        run of the request recorded it and lost the answer, along with the check that would
+        have told (the token was then given back, and the retry reached the processor again
+        under the same payment id, its idempotency key): that row, which the retry answers.
+        Raises ``TokenError(token_replayed)`` when the ledger holds another payment for this
         token (a replay store outside this database lost its record of it).
         """
         try:
@@ -577,6 +581,13 @@ class SqlStore:
             # Only this request holds the reservation that carries this payment id.
             if not await self._landed(select(payments.c.id).where(payments.c.id == row["id"])):
                 raise
+        except TokenError:
+            earlier = await self._payment(payments.c.id == row["id"],
+                                          payments.c.replay_id == row["replay_id"])
+            if earlier is None:
+                raise
+            return earlier
+        return None
 
     async def _record_pg(self, row: dict[str, Any]) -> None:
         """The payment and its token's ``done`` in one statement (with those of concurrent
