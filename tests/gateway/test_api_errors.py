@@ -923,7 +923,9 @@ class DetachedReplayStore(ReplayStore):
 
     async def reserve(self, rid: str, expires_at: int) -> str:
         state, payment_id = self.records.get(rid, ("", new_payment_id()))
-        if self.forget or not state or state == "released":
+        if self.forget:  # no record of the token: a new reservation, a new payment id
+            state, payment_id = "", new_payment_id()
+        if not state or state == "released":
             self.records[rid] = ("pending", payment_id)
             return payment_id
         raise TokenError(code="token_replayed")
