@@ -13,13 +13,15 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cardseal.errors import ConfigError
+from cardseal.errors import ConfigError, TokenError
 from cardseal.storage.replay import (
     DEFAULT_REDIS_PREFIX,
     RedisReplayStore,
+    ReservationInDoubtError,
     build_replay_store,
     split_redis_spec,
 )
@@ -73,6 +75,51 @@ def test_records_stay_under_their_prefix(redis_server: RedisServer) -> None:
     assert redis_server.keys(spec) == [(prefix + "a" * 64).encode()]
     assert redis_server.client.get(prefix + "a" * 64) == f"done:{first}".encode()
     assert redis_server.client.ttl(prefix + "a" * 64) > 0  # expires with the token
+
+
+def test_a_reservation_whose_answer_was_lost_is_given_back(redis_server: RedisServer) -> None:
+    """``SET NX`` applied in Redis, its reply lost (a timeout): the token must not stay
+    reserved until it expires, refusing the client's retry (``token_replayed``) though nothing
+    was charged. The store says the reservation is in doubt; its ``undo`` gives it back (the
+    gateway runs it in the background), and the retry reserves it under the same payment id.
+    An undo never touches a token past its reservation (spent, done)."""
+    import redis.asyncio as aioredis
+
+    spec = redis_server.replay_store()
+    url, prefix = split_redis_spec(spec)
+
+    class LosesTheNextAnswer(aioredis.Redis):
+        lose = True
+
+        async def set(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            applied = await super().set(*args, **kwargs)
+            if self.lose:
+                self.lose = False
+                raise TimeoutError("the answer was lost")
+            return applied
+
+    async def scenario() -> None:
+        client = LosesTheNextAnswer.from_url(url, socket_timeout=2)
+        replay = RedisReplayStore(url, prefix=prefix, client=client)
+        rid, expires = "d" * 64, int(time.time()) + 60
+        try:
+            with pytest.raises(ReservationInDoubtError) as doubt:
+                await replay.reserve(rid, expires)
+            assert doubt.value.code == "storage_unavailable"
+            stuck = redis_server.client.get(prefix + rid)
+            assert stuck is not None and stuck.startswith(b"pending:")  # it had landed
+            await doubt.value.undo()
+            payment_id = await replay.reserve(rid, expires)  # the retry goes on
+            assert stuck == b"pending:" + payment_id.encode()
+            await replay.done(rid)
+            await doubt.value.undo()  # a paid token stays paid
+            assert redis_server.client.get(prefix + rid) == b"done:" + payment_id.encode()
+            with pytest.raises(TokenError):
+                await replay.reserve(rid, expires)
+        finally:
+            await replay.close()
+
+    asyncio.run(scenario())
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ from cardseal.errors import (
 from cardseal.gateway.schemas import PaymentRequest
 from cardseal.opener import CardOpener
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
-from cardseal.storage.replay import ReplayStore
+from cardseal.storage.replay import ReplayStore, ReservationInDoubtError
 from cardseal.storage.sql import IdempotentReplay, IdempotentTakeover, SqlStore, replay_id
 from cardseal.tokens import (
     SignedToken,
@@ -280,6 +280,9 @@ class PaymentService:
         expires_at = verified.exp + self._verifier.leeway
         try:
             payment_id = await self._replay.reserve(rid, expires_at)
+        except ReservationInDoubtError as err:  # give it back once the store answers again
+            self._repair_later(err.undo, expires_at)
+            return error_outcome(err)
         except CardsealError as err:
             return error_outcome(err)
         try:

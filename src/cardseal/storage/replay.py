@@ -13,6 +13,7 @@ A Redis replay store is named by a redis-py URL whose fragment, if any, is the k
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
 
@@ -83,6 +84,25 @@ return pid
 """
 
 
+# KEYS[1] = record; ARGV[1] = the payment id a reservation in doubt was made under.
+_UNDO: Final = """
+if redis.call('GET', KEYS[1]) == 'pending:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'released:' .. ARGV[1], 'KEEPTTL')
+end
+return 1
+"""
+
+
+class ReservationInDoubtError(StorageError):
+    """A reservation whose answer was lost: it may have landed. ``undo`` gives it back if it
+    did (and does nothing if it did not), so that the client's retry is not refused; the
+    gateway runs it in the background until it gets through."""
+
+    def __init__(self, undo: Callable[[], Awaitable[None]]) -> None:
+        super().__init__()
+        self.undo = undo
+
+
 class RedisReplayStore(ReplayStore):
     """Used tokens in Redis: key = prefix + hash(issuer, jti), expiring at the token's ``exp``
     plus leeway (``SET NX EXAT``); state changes are atomic Lua scripts."""
@@ -98,6 +118,7 @@ class RedisReplayStore(ReplayStore):
             health_check_interval=30, retry_on_timeout=False)
         self._prefix = prefix
         self._transition: Any = self._client.register_script(_TRANSITION)
+        self._undo: Any = self._client.register_script(_UNDO)
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -108,8 +129,15 @@ class RedisReplayStore(ReplayStore):
     async def reserve(self, rid: str, expires_at: int) -> str:
         key = self._prefix + rid
         payment_id = new_payment_id()
-        if await self._call(self._client.set(key, "pending:" + payment_id, nx=True,
-                                             exat=expires_at)):
+        try:
+            landed = await self._client.set(key, "pending:" + payment_id, nx=True,
+                                            exat=expires_at)
+        except self._failures as err:  # sent, perhaps applied, its answer lost
+            async def undo() -> None:
+                await self._call(self._undo(keys=[key], args=[payment_id]))
+
+            raise ReservationInDoubtError(undo) from err
+        if landed:
             return payment_id
         reused = await self._call(self._transition(keys=[key], args=["released", "pending"]))
         if reused is None:
