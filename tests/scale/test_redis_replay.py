@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cardseal.errors import ConfigError, TokenError
+from cardseal.errors import ConfigError, StorageError, TokenError
 from cardseal.storage.replay import (
     DEFAULT_REDIS_PREFIX,
     RedisReplayStore,
@@ -119,7 +119,17 @@ def test_a_reservation_whose_answer_was_lost_is_given_back(redis_server: RedisSe
         finally:
             await replay.close()
 
+    async def refused() -> None:  # nothing sent: a plain 503, nothing to give back
+        replay = RedisReplayStore("redis://127.0.0.1:1/0", prefix=prefix)
+        try:
+            with pytest.raises(StorageError) as failed:
+                await replay.reserve("e" * 64, int(time.time()) + 60)
+            assert not isinstance(failed.value, ReservationInDoubtError)
+        finally:
+            await replay.close()
+
     asyncio.run(scenario())
+    asyncio.run(refused())
 
 
 @pytest.fixture(scope="module")

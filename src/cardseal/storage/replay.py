@@ -111,8 +111,12 @@ class RedisReplayStore(ReplayStore):
                  client: aioredis.Redis | None = None) -> None:
         import redis.asyncio as aioredis
         from redis.exceptions import RedisError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
 
         self._failures = (RedisError, OSError, TimeoutError)
+        # Sent and not answered: applied or not, nobody knows (a refused connection sent
+        # nothing, and leaves nothing to give back).
+        self._unanswered = (RedisTimeoutError, TimeoutError)
         self._client: aioredis.Redis = client or aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
             health_check_interval=30, retry_on_timeout=False)
@@ -132,11 +136,13 @@ class RedisReplayStore(ReplayStore):
         try:
             landed = await self._client.set(key, "pending:" + payment_id, nx=True,
                                             exat=expires_at)
-        except self._failures as err:  # sent, perhaps applied, its answer lost
+        except self._unanswered as err:  # sent, perhaps applied, its answer lost
             async def undo() -> None:
                 await self._call(self._undo(keys=[key], args=[payment_id]))
 
             raise ReservationInDoubtError(undo) from err
+        except self._failures as err:
+            raise StorageError() from err
         if landed:
             return payment_id
         reused = await self._call(self._transition(keys=[key], args=["released", "pending"]))
