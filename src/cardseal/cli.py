@@ -104,9 +104,10 @@ def read_card() -> Card:
 def read_token(token: str | None) -> str:
     """The token argument, or stdin's for ``-``: refused alike either way (token_malformed)."""
     if token is None or token == "-":  # noqa: S105 - "-" means stdin
-        raw = sys.stdin.buffer.read(jws.MAX_TOKEN_BYTES + 3)  # + a line break, + 1 to tell
-        if len(raw) > jws.MAX_TOKEN_BYTES + 2:
-            raise TokenError("The token is too large.")
+        try:
+            raw = read_stdin_limited(jws.MAX_TOKEN_BYTES + 2)  # + a line break
+        except RequestError:
+            raise TokenError("The token is too large.") from None
         try:
             token = raw.decode("ascii")
         except UnicodeDecodeError:
