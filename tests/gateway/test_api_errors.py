@@ -44,7 +44,7 @@ from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcesso
 from cardseal.processor.sandbox import DECLINES, SandboxProcessor
 from cardseal.storage.models import idempotency_keys
 from cardseal.storage.replay import ReplayStore
-from cardseal.storage.sql import SqlStore, new_payment_id
+from cardseal.storage.sql import ReservationInDoubtError, SqlStore, new_payment_id
 from cardseal.testing import SANDBOX_DECLINES
 from cardseal.tokens import Payment, TokenVerifier
 from tests.gateway.conftest import (
@@ -913,13 +913,17 @@ class DetachedReplayStore(ReplayStore):
     """A replay store outside the ledger's database, as Redis is, with Redis's semantics.
 
     ``fail_done`` makes its first ``done`` fail (the connection drops right after the payment
-    committed); ``forget`` makes it lose every record (a Redis restarted without persistence).
+    committed); ``forget`` makes it lose every record (a Redis restarted without persistence);
+    ``lose_reservation`` makes its first reservation land and its answer get lost.
     """
 
-    def __init__(self, *, fail_done: bool = False, forget: bool = False) -> None:
+    def __init__(self, *, fail_done: bool = False, forget: bool = False,
+                 lose_reservation: bool = False) -> None:
         self.records: dict[str, tuple[str, str]] = {}
         self.fail_done = fail_done
         self.forget = forget
+        self.lose_reservation = lose_reservation
+        self.undone = 0
 
     async def reserve(self, rid: str, expires_at: int) -> str:
         state, payment_id = self.records.get(rid, ("", new_payment_id()))
@@ -927,6 +931,15 @@ class DetachedReplayStore(ReplayStore):
             state, payment_id = "", new_payment_id()
         if not state or state == "released":
             self.records[rid] = ("pending", payment_id)
+            if self.lose_reservation:
+                self.lose_reservation = False
+
+                async def undo() -> None:
+                    if self.records.get(rid) == ("pending", payment_id):
+                        del self.records[rid]
+                    self.undone += 1
+
+                raise ReservationInDoubtError(undo)
             return payment_id
         raise TokenError(code="token_replayed")
 
@@ -969,6 +982,27 @@ def test_replay_store_failing_after_the_payment_committed(
     rows = home.query("SELECT id FROM payments WHERE replay_id = :rid",
                       rid=gateway.forge.replay_id_of(token))
     assert rows == [{"id": body["id"]}]
+
+
+def test_a_reservation_in_doubt_is_given_back_in_the_background(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay store reserved the token and lost the answer: the client gets a retryable
+    503, the gateway gives the reservation back in the background, and the client's retry is
+    charged (once), not refused as a replay until the token expires."""
+    home = gateway.home
+    replay = DetachedReplayStore(lose_reservation=True)
+    monkeypatch.setattr("cardseal.gateway.app.build_replay_store", lambda spec, store: replay)
+    processor = ChargeThenTimeout(timeouts=0)
+    app = create_app(home.settings, processor=processor)
+    token = gateway.forge.seal()
+    with serve_in_thread(app, home) as url, _in_process_client(home, url, gateway) as faulty:
+        assert_error(pay(faulty, token), 503, "storage_unavailable")
+        deadline = time.monotonic() + 5
+        while not replay.undone and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert replay.undone == 1
+        assert_payment(pay(faulty, token), amount=1999)
+    assert len(processor.calls) == 1
 
 
 def test_replay_store_that_lost_its_records_never_gives_a_500(

@@ -15,6 +15,7 @@ import pytest
 from cardseal.storage.pg_pool import DriverPool
 from tests.conftest import PostgresServer
 from tests.faults.conftest import TcpGate
+from tests.scale.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -23,14 +24,17 @@ def run(scenario: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(scenario())  # type: ignore[arg-type]
 
 
-def pool_for(url: str, *, size: int = 2, timeout: float = 5.0) -> DriverPool:
-    return DriverPool(url, size=size, timeout=timeout, connect_timeout=5)
+def pool_for(url: str, *, size: int = 2, timeout: float = 5.0,
+             statement_timeout: float = 5.0) -> DriverPool:
+    return DriverPool(url, size=size, timeout=timeout, connect_timeout=5,
+                      statement_timeout=statement_timeout)
 
 
 @asynccontextmanager
-async def opened(url: str, *, size: int = 2, timeout: float = 5.0) -> AsyncIterator[DriverPool]:
+async def opened(url: str, *, size: int = 2, timeout: float = 5.0,
+                 statement_timeout: float = 5.0) -> AsyncIterator[DriverPool]:
     """A pool for the block, closed after it."""
-    pool = pool_for(url, size=size, timeout=timeout)
+    pool = pool_for(url, size=size, timeout=timeout, statement_timeout=statement_timeout)
     try:
         yield pool
     finally:
@@ -194,6 +198,38 @@ def test_a_request_cancelled_mid_statement_closes_its_connection(url: str) -> No
     run(scenario)
 
 
+def test_a_statement_whose_server_went_silent_fails_within_the_statement_timeout(
+        postgres: PostgresServer, url: str) -> None:
+    """A link that goes silent without closing (a dead network, a hung proxy): the statement
+    fails as a lost connection once ``statement_timeout`` has passed, instead of holding its
+    connection and its request for as long as TCP keeps the link up; its connection is
+    closed, and once the link is back the next request connects."""
+    proxy = TcpProxy("127.0.0.1", 5432)
+    database = url.rsplit("/", 1)[1]
+
+    async def scenario() -> None:
+        async with opened(f"postgresql://postgres@127.0.0.1:{proxy.port}/{database}",
+                          statement_timeout=0.5) as pool:
+            await backend_pid(pool)
+            proxy.hang()
+            started = time.monotonic()
+            with pytest.raises(psycopg.OperationalError):
+                await backend_pid(pool)
+            assert 0.5 <= time.monotonic() - started < 2.0
+            assert pool.open_connections == 0
+            proxy.up()
+            await backend_pid(pool)
+            assert pool.connects == 2
+            async with pool.connection() as conn:  # a statement within the time is left be
+                await conn.execute("SELECT pg_sleep(0.2)")
+            assert pool.connects == 2
+
+    try:
+        run(scenario)
+    finally:
+        proxy.close()
+
+
 def test_a_free_slot_handed_to_a_request_cancelled_meanwhile_goes_to_the_next(url: str) -> None:
     async def scenario() -> None:
         async with opened(url, size=1, timeout=2.0) as pool:
@@ -236,6 +272,8 @@ def test_a_closed_pool_hands_out_nothing(url: str) -> None:
 
 
 def test_the_pool_refuses_impossible_bounds() -> None:
-    for kwargs in ({"size": 0, "timeout": 1.0}, {"size": 1, "timeout": 0.0}):
+    for kwargs in ({"size": 0, "timeout": 1.0, "statement_timeout": 1.0},
+                   {"size": 1, "timeout": 0.0, "statement_timeout": 1.0},
+                   {"size": 1, "timeout": 1.0, "statement_timeout": 0.0}):
         with pytest.raises(ValueError):
             DriverPool("postgresql://", connect_timeout=5, **kwargs)  # type: ignore[arg-type]

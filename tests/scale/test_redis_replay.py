@@ -21,11 +21,10 @@ from cardseal.errors import ConfigError, StorageError, TokenError
 from cardseal.storage.replay import (
     DEFAULT_REDIS_PREFIX,
     RedisReplayStore,
-    ReservationInDoubtError,
     build_replay_store,
     split_redis_spec,
 )
-from cardseal.storage.sql import SqlStore
+from cardseal.storage.sql import ReservationInDoubtError, SqlStore
 from tests.conftest import PostgresServer, RedisServer
 from tests.gateway.test_api_errors import assert_error, assert_payment
 from tests.scale.conftest import Cluster, start_cluster
@@ -81,8 +80,9 @@ def test_a_reservation_whose_answer_was_lost_is_given_back(redis_server: RedisSe
     """``SET NX`` applied in Redis, its reply lost (a timeout): the token must not stay
     reserved until it expires, refusing the client's retry (``token_replayed``) though nothing
     was charged. The store says the reservation is in doubt; its ``undo`` gives it back (the
-    gateway runs it in the background), and the retry reserves it under the same payment id.
-    An undo never touches a token past its reservation (spent, done)."""
+    gateway runs it in the background), and the retry reserves it afresh, under a new payment
+    id, which the undo, run again, leaves alone, as it leaves a token past its reservation
+    (spent, done)."""
     import redis.asyncio as aioredis
 
     spec = redis_server.replay_store()
@@ -109,8 +109,11 @@ def test_a_reservation_whose_answer_was_lost_is_given_back(redis_server: RedisSe
             stuck = redis_server.client.get(prefix + rid)
             assert stuck is not None and stuck.startswith(b"pending:")  # it had landed
             await doubt.value.undo()
-            payment_id = await replay.reserve(rid, expires)  # the retry goes on
-            assert stuck == b"pending:" + payment_id.encode()
+            assert redis_server.client.get(prefix + rid) is None  # given back whole
+            payment_id = await replay.reserve(rid, expires)  # the retry goes on, afresh
+            assert stuck != b"pending:" + payment_id.encode()
+            await doubt.value.undo()  # run again (its own answer lost): not the retry's
+            assert redis_server.client.get(prefix + rid) == b"pending:" + payment_id.encode()
             await replay.done(rid)
             await doubt.value.undo()  # a paid token stays paid
             assert redis_server.client.get(prefix + rid) == b"done:" + payment_id.encode()

@@ -21,8 +21,9 @@ from sqlalchemy import event
 
 from cardseal.errors import StorageError, TokenError
 from cardseal.storage.migrate import upgrade
-from cardseal.storage.sql import SqlStore, new_payment_id, replay_id
+from cardseal.storage.sql import ReservationInDoubtError, SqlStore, new_payment_id, replay_id
 from tests.conftest import PostgresServer
+from tests.scale.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -102,6 +103,78 @@ def test_a_reservation_whose_commit_answer_was_lost_is_kept(postgres: PostgresSe
         assert await store.reserve_token(rid, int(time.time()) + 60) == payment_id
 
     run(postgres, scenario)
+
+
+def test_a_reservation_whose_answer_and_check_were_lost_is_given_back(
+        postgres: PostgresServer) -> None:
+    """The reservation landed, its answer was lost, and so was the check that would have told:
+    the store says so (``ReservationInDoubtError``, ``storage_unavailable``), and its undo
+    deletes the reservation (nothing was charged under it), so that the client's retry is not
+    refused until the token expires. Run again (its own answer lost), the undo leaves the
+    retry's reservation, and the payment recorded under it, alone."""
+    async def scenario(store: SqlStore, faults: LostCommitAnswers) -> None:
+        rid = replay_id("payment-service", "jti-in-doubt")
+        expires = int(time.time()) + 60
+        faults.lose = 2  # the reservation's answer, then the check's
+        with pytest.raises(ReservationInDoubtError) as doubt:
+            await store.reserve_token(rid, expires)
+        assert faults.lose == 0 and doubt.value.code == "storage_unavailable"
+        with pytest.raises(TokenError):  # it had landed: the token is pending
+            await store.reserve_token(rid, expires)
+        await doubt.value.undo()
+        payment_id = await store.reserve_token(rid, expires)  # the retry
+        await doubt.value.undo()
+        with pytest.raises(TokenError):  # the retry's reservation stands
+            await store.reserve_token(rid, expires)
+        await store.record_payment(payment_row(payment_id, rid))
+        await doubt.value.undo()
+        assert await store.get_payment(payment_id, "payment-service") is not None
+        with pytest.raises(TokenError):
+            await store.reserve_token(rid, expires)
+
+    run(postgres, scenario)
+
+
+def test_a_silent_link_fails_each_step_within_the_statement_timeout(
+        postgres: PostgresServer) -> None:
+    """PostgreSQL behind a link that goes silent without closing (a dead network, a hung
+    proxy): each step, on the payment path's connections and on SQLAlchemy's, fails with
+    ``storage_unavailable`` once the statement timeout has passed, instead of holding the
+    request and its connection; a reservation that may have gone out is in doubt, and its
+    undo, once the link is back, leaves the token free for the client's retry."""
+    url = postgres.create_database("silent")
+    upgrade(url)
+    proxy = TcpProxy("127.0.0.1", 5432)
+    through = url.replace(":5432/", f":{proxy.port}/")
+
+    async def main() -> None:
+        store = SqlStore(url=through, pool_size=2, statement_timeout=0.5)
+        rid = replay_id("payment-service", "jti-silent")
+        expires = int(time.time()) + 60
+        try:
+            assert await store.get_payment("pay_none", "payment-service") is None  # warm
+            await store.record_payment(payment_row(new_payment_id(), replay_id("p", "warm")))
+            proxy.hang()
+            started = time.monotonic()
+            with pytest.raises(ReservationInDoubtError) as doubt:
+                await store.reserve_token(rid, expires)
+            assert time.monotonic() - started < 3.0  # the statement, then the check
+            started = time.monotonic()
+            with pytest.raises(StorageError):  # the pool was dropped: a connect that times out
+                await store.get_payment("pay_none", "payment-service")
+            assert time.monotonic() - started < 7.0
+            proxy.up()
+            await doubt.value.undo()
+            payment_id = await store.reserve_token(rid, expires)
+            await store.record_payment(payment_row(payment_id, rid))
+            assert await store.get_payment(payment_id, "payment-service") is not None
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        proxy.close()
 
 
 def test_a_payment_whose_commit_answer_was_lost_is_recorded_once(

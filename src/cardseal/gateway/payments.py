@@ -57,8 +57,14 @@ from cardseal.errors import (
 from cardseal.gateway.schemas import PaymentRequest
 from cardseal.opener import CardOpener
 from cardseal.processor.base import ChargeRequest, ChargeResult, PaymentProcessor
-from cardseal.storage.replay import ReplayStore, ReservationInDoubtError
-from cardseal.storage.sql import IdempotentReplay, IdempotentTakeover, SqlStore, replay_id
+from cardseal.storage.replay import ReplayStore
+from cardseal.storage.sql import (
+    IdempotentReplay,
+    IdempotentTakeover,
+    ReservationInDoubtError,
+    SqlStore,
+    replay_id,
+)
 from cardseal.tokens import (
     SignedToken,
     TokenVerifier,

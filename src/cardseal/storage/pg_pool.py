@@ -24,15 +24,21 @@ only seconds after the server is back. Here:
   store when its SQLAlchemy pool meets a disconnect). Any other error
   (the server refused the statement) leaves the connection usable: in autocommit no
   transaction is left open. A request cancelled in the middle of a statement closes its
-  connection, whose state is then unknown.
+  connection, whose state is then unknown;
+- a block that holds a connection longer than ``statement_timeout`` seconds has its
+  connection's socket shut down (``answer_within``): a statement whose server went silent (a
+  dead link, a hung proxy, a stopped host) then fails at once as a lost connection, instead of
+  holding the connection and its request for as long as TCP keeps the link up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import psycopg
@@ -40,16 +46,50 @@ import psycopg
 Connection = psycopg.AsyncConnection[Any]
 
 
+@contextmanager
+def answer_within(conn: Connection, seconds: float) -> Iterator[None]:
+    """Shut ``conn``'s socket down if the block has not finished within ``seconds``.
+
+    The statement waiting on it then fails at once with ``OperationalError`` (the server
+    closed the connection), as if the link had dropped. Cancelling the statement instead would
+    have psycopg send a cancel request and wait for the query's end, up to ~10 s more through
+    the same silent link. Only the socket is shut down, on a duplicate of its descriptor:
+    psycopg still owns (and closes) the connection.
+    """
+    timer = asyncio.get_running_loop().call_later(seconds, _shut_down, conn)
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _shut_down(conn: Connection) -> None:
+    if conn.closed:  # psycopg let it go already: its descriptor may be another socket's now
+        return
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except (OSError, psycopg.Error):  # pragma: no cover - closed meanwhile
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # pragma: no cover - no longer connected
+        pass
+    finally:
+        sock.close()
+
+
 class DriverPool:
     """At most ``size`` autocommit psycopg connections to ``conninfo``, opened on demand."""
 
     def __init__(self, conninfo: str, *, size: int, timeout: float,
-                 connect_timeout: int) -> None:
-        if size < 1 or timeout <= 0 or connect_timeout < 1:
-            raise ValueError("size >= 1, timeout > 0 and connect_timeout >= 1")
+                 connect_timeout: int, statement_timeout: float) -> None:
+        if size < 1 or timeout <= 0 or connect_timeout < 1 or statement_timeout <= 0:
+            raise ValueError(
+                "size >= 1, timeout > 0, connect_timeout >= 1 and statement_timeout > 0")
         self._conninfo = conninfo
         self._size = size
         self._timeout = timeout
+        self._statement_timeout = statement_timeout
         self._connect_timeout = connect_timeout
         self._idle: list[Connection] = []  # the last given back is the first taken (warm)
         self._open = 0  # open or being opened, idle or in use
@@ -66,10 +106,12 @@ class DriverPool:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
-        """A connection for the block's statements; given back after it (see the module)."""
+        """A connection for the block's statements, for at most ``statement_timeout``
+        seconds; given back after it (see the module)."""
         conn = await self._acquire()
         try:
-            yield conn
+            with answer_within(conn, self._statement_timeout):
+                yield conn
         except psycopg.OperationalError:
             await self._discard(conn, flush=True)
             raise

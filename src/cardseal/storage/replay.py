@@ -13,12 +13,11 @@ A Redis replay store is named by a redis-py URL whose fragment, if any, is the k
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
 
 from cardseal.errors import ConfigError, StorageError, TokenError
-from cardseal.storage.sql import SqlStore, new_payment_id
+from cardseal.storage.sql import ReservationInDoubtError, SqlStore, new_payment_id
 
 if TYPE_CHECKING:  # imported where a Redis replay store is configured: ~6 MiB a worker
     import redis.asyncio as aioredis
@@ -84,23 +83,16 @@ return pid
 """
 
 
-# KEYS[1] = record; ARGV[1] = the payment id a reservation in doubt was made under.
+# KEYS[1] = record; ARGV[1] = the payment id a reservation in doubt was made under. Deletes
+# it while it is still that reservation: nothing was charged under it (its request answered
+# 503), and the client's retry reserves the token afresh under a new payment id, which a
+# repeated undo (its own answer lost) never matches.
 _UNDO: Final = """
 if redis.call('GET', KEYS[1]) == 'pending:' .. ARGV[1] then
-  redis.call('SET', KEYS[1], 'released:' .. ARGV[1], 'KEEPTTL')
+  redis.call('DEL', KEYS[1])
 end
 return 1
 """
-
-
-class ReservationInDoubtError(StorageError):
-    """A reservation whose answer was lost: it may have landed. ``undo`` gives it back if it
-    did (and does nothing if it did not), so that the client's retry is not refused; the
-    gateway runs it in the background until it gets through."""
-
-    def __init__(self, undo: Callable[[], Awaitable[None]]) -> None:
-        super().__init__()
-        self.undo = undo
 
 
 class RedisReplayStore(ReplayStore):

@@ -17,7 +17,8 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -90,6 +91,16 @@ class _RandomPool:
 _IDS = _RandomPool()
 
 
+class ReservationInDoubtError(StorageError):
+    """A reservation whose answer was lost: it may have landed. ``undo`` gives it back if it
+    did (and does nothing if it did not), so that the client's retry is not refused; the
+    gateway runs it in the background until it gets through."""
+
+    def __init__(self, undo: Callable[[], Awaitable[None]]) -> None:
+        super().__init__()
+        self.undo = undo
+
+
 def new_payment_id() -> str:
     """``pay_``, the time in milliseconds since 1970 (12 hex digits, good until 10889) and 96
     random bits in hex.
@@ -144,6 +155,10 @@ def _driver(conn: Connection) -> Any:
 _POOL_TIMEOUT: Final = 5.0
 """Seconds a request waits for a PostgreSQL connection when all are in use."""
 _CONNECT_TIMEOUT: Final = 5
+STATEMENT_TIMEOUT: Final = 5.0
+"""Seconds a PostgreSQL transaction (on the payment path: a statement) may go unanswered;
+then its connection's socket is shut down (``pg_pool.answer_within``): a silent server or link
+fails the request (``storage_unavailable``) instead of holding it and its connection."""
 
 
 def _multi_row(head: str, columns: int, tail: str) -> Callable[[int], str]:
@@ -365,7 +380,8 @@ class SqlStore:
     several per transaction (group commit): one fsync serves every payment recorded in it.
     """
 
-    def __init__(self, *, url: str, pool_size: int = 10, engine: AsyncEngine | None = None) -> None:
+    def __init__(self, *, url: str, pool_size: int = 10, engine: AsyncEngine | None = None,
+                 statement_timeout: float = STATEMENT_TIMEOUT) -> None:
         blocking_url = sync_url(url)
         parsed = make_url(blocking_url)
         sqlite = parsed.get_backend_name() == "sqlite"
@@ -388,6 +404,8 @@ class SqlStore:
         else:
             self._sql = _Statements(pg_insert)
         self._drivers: DriverPool | None = None
+        self._answer_within: Callable[[Any, float], AbstractContextManager[None]] | None = None
+        self._statement_timeout = statement_timeout
         self._reservations: StatementBatcher | None = None
         self._recordings: StatementBatcher | None = None
         if not sqlite:
@@ -398,11 +416,13 @@ class SqlStore:
             # disconnecting (at 32 concurrent payments on one worker: ~730/s, most of the event
             # loop in psycopg's connect and close, the database idle); a request waits its turn
             # for one of the pool's connections instead, each held for one statement.
-            from cardseal.storage.pg_pool import DriverPool
+            from cardseal.storage.pg_pool import DriverPool, answer_within
 
+            self._answer_within = answer_within
             self._drivers = DriverPool(
                 parsed.set(drivername="postgresql").render_as_string(hide_password=False),
-                size=pool_size, timeout=_POOL_TIMEOUT, connect_timeout=_CONNECT_TIMEOUT)
+                size=pool_size, timeout=_POOL_TIMEOUT, connect_timeout=_CONNECT_TIMEOUT,
+                statement_timeout=statement_timeout)
             # Concurrent payments' reservations, and their recorded payments, each as one
             # multi-row statement (``StatementBatcher``).
             from cardseal.storage.pg_batches import StatementBatcher
@@ -452,9 +472,14 @@ class SqlStore:
             return await self._writer.run(work)
         if self.engine is None:  # pragma: no cover - a store has a writer or an engine
             raise StorageError()
+        if self._answer_within is None:  # pragma: no cover - built with the engine
+            raise StorageError()
         try:
-            async with self.engine.begin() as conn:
-                return await conn.run_sync(work)
+            async with self.engine.connect() as conn:
+                driver = (await conn.get_raw_connection()).driver_connection
+                with self._answer_within(driver, self._statement_timeout):
+                    async with conn.begin():
+                        return await conn.run_sync(work)
         except (TokenError, RequestError):
             raise
         except (SQLAlchemyError, OSError, TimeoutError) as err:
@@ -526,9 +551,16 @@ class SqlStore:
             if self._writer is None or self._sql.reservations is None:
                 return await self._reserve_pg(rid, payment_id, params)
             return await self._writer.run_grouped(self._sql.reservations, params)
-        except StorageError:
-            if not await self._landed(select(used_tokens.c.replay_id).where(
-                    used_tokens.c.replay_id == rid, used_tokens.c.payment_id == payment_id)):
+        except StorageError as err:
+            try:
+                landed = await self._landed(select(used_tokens.c.replay_id).where(
+                    used_tokens.c.replay_id == rid, used_tokens.c.payment_id == payment_id))
+            except StorageError:  # neither answer came back: it may have landed
+                async def undo() -> None:
+                    await self._undo_reservation(rid, payment_id)
+
+                raise ReservationInDoubtError(undo) from err
+            if not landed:
                 raise
             return payment_id  # the id is new: the reservation is this request's
 
@@ -551,6 +583,15 @@ class SqlStore:
             raise TokenError(code="token_replayed")
         step, row = found
         return payment_id if step == 0 else str(row[0])
+
+    async def _undo_reservation(self, rid: str, payment_id: str) -> None:
+        """Delete the reservation made under ``payment_id`` if it landed and is still pending:
+        its request answered 503 and charged nothing. The client's retry then reserves the
+        token afresh, under a new payment id that this never matches, however often it runs
+        (its own answer may be lost too)."""
+        await self._run(lambda conn: conn.execute(delete(used_tokens).where(
+            used_tokens.c.replay_id == rid, used_tokens.c.payment_id == payment_id,
+            used_tokens.c.state == "pending")))
 
     async def release_token(self, rid: str) -> None:
         """Give a reserved token back after a failure worth retrying (KMS, processor down)."""
