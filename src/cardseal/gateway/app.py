@@ -3,7 +3,8 @@
 Every error leaves as the contract's body ``{"error": {"code", "message"}}``; FastAPI's default
 validation error (which echoes the input) is replaced by ``request_invalid``; 503s carry
 ``Retry-After``. While the app runs, single-use records of expired tokens are purged every
-``purge_interval`` seconds (an expired token is refused before its record is ever read).
+``purge_interval`` seconds, in short transactions (an expired token is refused before its
+record is ever read).
 """
 
 from __future__ import annotations

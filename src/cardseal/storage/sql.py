@@ -155,6 +155,8 @@ def _driver(conn: Connection) -> Any:
 _POOL_TIMEOUT: Final = 5.0
 """Seconds a request waits for a PostgreSQL connection when all are in use."""
 _CONNECT_TIMEOUT: Final = 5
+PURGE_CHUNK: Final = 5000
+"""Most expired single-use records deleted in one transaction (``purge_expired_tokens``)."""
 STATEMENT_TIMEOUT: Final = 5.0
 """Seconds a PostgreSQL transaction (on the payment path: a statement) may go unanswered;
 then its connection's socket is shut down (``pg_pool.answer_within``): a silent server or link
@@ -743,7 +745,17 @@ class SqlStore:
             return str(row.issuer)
         return None
 
-    async def purge_expired_tokens(self, before: int) -> int:
-        """Delete single-use records of tokens that expired before ``before`` (epoch s)."""
-        return await self._run(lambda conn: int(conn.execute(
-            delete(used_tokens).where(used_tokens.c.expires_at < before)).rowcount or 0))
+    async def purge_expired_tokens(self, before: int, *, chunk: int = PURGE_CHUNK) -> int:
+        """Delete single-use records of tokens that expired before ``before`` (epoch s); how
+        many. In transactions of at most ``chunk`` rows each: every one short next to the
+        statement timeout and to the payments' writes waiting for SQLite's one writer, however
+        many records a long pause left behind."""
+        oldest = (select(used_tokens.c.replay_id).where(used_tokens.c.expires_at < before)
+                  .limit(chunk).scalar_subquery())
+        statement = delete(used_tokens).where(used_tokens.c.replay_id.in_(oldest))
+        purged = 0
+        while True:
+            count = await self._run(lambda conn: int(conn.execute(statement).rowcount or 0))
+            purged += count
+            if count < chunk:
+                return purged
