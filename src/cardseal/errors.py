@@ -126,6 +126,11 @@ class StorageError(CardsealError):
     code = "storage_unavailable"
 
 
+class NothingSentError(StorageError):
+    """``storage_unavailable`` before anything reached the database (no connection could be
+    had): there is no answer that was lost, nothing to look for and nothing to undo."""
+
+
 def http_status_for(code: str) -> int:
     return _CODES[code].http_status
 

@@ -113,6 +113,21 @@ def test_a_statement_the_server_refuses_leaves_the_connection_in_the_pool(url: s
     run(scenario)
 
 
+def test_a_statement_the_server_cancelled_leaves_the_connection_in_the_pool(url: str) -> None:
+    """The server's ``statement_timeout`` (``QueryCanceled``, an ``OperationalError``) ends a
+    statement, not the session: the connection is used again, the others are left alone."""
+    async def scenario() -> None:
+        async with opened(f"{url}?options=-c%20statement_timeout%3D100") as pool:
+            first = await backend_pid(pool)
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT pg_sleep(2)")
+            assert await backend_pid(pool) == first
+            assert pool.connects == 1
+
+    run(scenario)
+
+
 def test_a_lost_connection_closes_the_idle_ones_and_the_next_request_connects(
         postgres: PostgresServer, url: str) -> None:
     async def scenario() -> None:

@@ -19,10 +19,11 @@ import psycopg
 import pytest
 from sqlalchemy import event
 
-from cardseal.errors import StorageError, TokenError
+from cardseal.errors import NothingSentError, StorageError, TokenError
 from cardseal.storage.migrate import upgrade
 from cardseal.storage.sql import ReservationInDoubtError, SqlStore, new_payment_id, replay_id
 from tests.conftest import PostgresServer
+from tests.faults.conftest import TcpGate
 from tests.scale.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -177,6 +178,78 @@ def test_a_silent_link_fails_each_step_within_the_statement_timeout(
         asyncio.run(main())
     finally:
         proxy.close()
+
+
+def test_a_statement_the_server_is_slow_to_run_is_cancelled_there_not_left_to_land(
+        postgres: PostgresServer) -> None:
+    """A live server slow to run the reservations (another session holds a lock on
+    ``used_tokens`` that lets reads through): the server cancels each statement (its
+    ``statement_timeout``, below the client's timer), so none lands after its request was
+    answered 503 and its check found nothing; the connections stay within the pools' bounds
+    however often it happens; once the lock is gone the tokens are free."""
+    url = postgres.create_database("slow")
+    upgrade(url)
+    holder = psycopg.connect(url)
+
+    async def main() -> None:
+        store = SqlStore(url=url, pool_size=2, statement_timeout=0.5)
+        names = [replay_id("payment-service", f"jti-slow-{i}") for i in range(4)]
+        expires = int(time.time()) + 60
+        try:
+            holder.execute("LOCK TABLE used_tokens IN SHARE MODE")
+            for _ in range(3):
+                results = await asyncio.gather(
+                    *(store.reserve_token(rid, expires) for rid in names),
+                    return_exceptions=True)
+                for result in results:  # plain 503s: the check answered "not landed"
+                    assert isinstance(result, StorageError), result
+                    assert not isinstance(result, ReservationInDoubtError)
+            sessions = holder.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()").fetchone()
+            assert sessions is not None and sessions[0] <= 2 + 2  # the two pools' sizes
+            holder.rollback()
+            await asyncio.sleep(0.2)
+            assert holder.execute("SELECT count(*) FROM used_tokens").fetchone() == (0,)
+            for rid in names:
+                await store.reserve_token(rid, expires)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        holder.close()
+
+
+def test_a_request_that_could_not_connect_sent_nothing(postgres: PostgresServer) -> None:
+    """While the server refuses connections, a reservation or a payment fails at once with
+    ``NothingSentError``: no check, no undo in doubt (which would put a background retry per
+    payment on the event loop for as long as the outage lasts)."""
+    url = postgres.create_database("refused")
+    upgrade(url)
+    gate = TcpGate(("127.0.0.1", 5432))
+    through = url.replace(":5432/", f":{gate.port}/")
+
+    async def main() -> None:
+        store = SqlStore(url=through, pool_size=2)
+        rid = replay_id("payment-service", "jti-refused")
+        try:
+            for attempt in (store.reserve_token(rid, int(time.time()) + 60),
+                            store.record_payment(payment_row(new_payment_id(), rid))):
+                started = time.monotonic()
+                with pytest.raises(NothingSentError):
+                    await attempt
+                assert time.monotonic() - started < 1.0
+            gate.open()
+            await store.reserve_token(rid, int(time.time()) + 60)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.close()
 
 
 def test_a_payment_whose_commit_answer_was_lost_is_recorded_once(

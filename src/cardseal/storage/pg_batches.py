@@ -13,9 +13,10 @@ Each caller gets every row its statement returned (``RETURNING``) and looks for 
 that did not go in met another with the same key (a replayed token), and only that caller
 handles it. A multi-row statement is one transaction, so it fails whole:
 
-- for the connection's sake (``OperationalError``, the pool's timeout): every caller gets
-  ``StorageError`` and, as for a statement of its own, looks for its row before it reports
-  the failure (the answer may have been lost after the commit);
+- for the connection's sake (``OperationalError``, the server's statement timeout): every
+  caller gets ``StorageError`` and, as for a statement of its own, looks for its row before it
+  reports the failure (the answer may have been lost after the commit); when no connection
+  could be had (refused, the pool's timeout), ``NothingSentError``: nothing to look for;
 - for one row's sake (the server refused a value): every caller gets None and runs its
   statement on its own, so that only the bad row fails.
 """
@@ -29,7 +30,7 @@ from typing import Any, Final
 
 import psycopg
 
-from cardseal.errors import StorageError
+from cardseal.errors import NothingSentError, StorageError
 from cardseal.storage.pg_pool import DriverPool
 
 MAX_ROWS: Final = 64
@@ -91,6 +92,7 @@ class StatementBatcher:
     async def _send(self, batch: list[tuple[Sequence[Any], asyncio.Future[Rows | None]]]) -> None:
         cause: BaseException | None = None  # the statement failed for the connection's sake
         alone = False  # ...or for a row's
+        sent = False  # a connection was had: the statement may have reached the server
         returned: Rows = frozenset()
         try:
             sql = self._sql.get(len(batch))
@@ -99,6 +101,7 @@ class StatementBatcher:
             self.statements += 1
             self.rows += len(batch)
             async with self._pool.connection() as conn:
+                sent = True
                 cursor = await conn.execute(sql, [value for row, _ in batch for value in row])
                 returned = frozenset(tuple(found) for found in await cursor.fetchall())
         except (psycopg.OperationalError, OSError, TimeoutError) as err:
@@ -108,7 +111,7 @@ class StatementBatcher:
         except BaseException as err:  # cancelled (the loop stops), or a bug: none waits on
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(_storage_error(err))
+                    future.set_exception(_storage_error(err, sent))
             raise
         for _, future in batch:
             if future.done():  # the caller was cancelled meanwhile
@@ -116,12 +119,12 @@ class StatementBatcher:
             if alone:
                 future.set_result(None)
             elif cause is not None:
-                future.set_exception(_storage_error(cause))  # one exception per caller
+                future.set_exception(_storage_error(cause, sent))  # one per caller
             else:
                 future.set_result(returned)
 
 
-def _storage_error(cause: BaseException) -> StorageError:
-    error = StorageError()
+def _storage_error(cause: BaseException, sent: bool) -> StorageError:
+    error = StorageError() if sent else NothingSentError()
     error.__cause__ = cause
     return error

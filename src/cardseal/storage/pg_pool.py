@@ -23,7 +23,9 @@ only seconds after the server is back. Here:
   disconnect: they most likely went down together (``invalidate`` does the same, for the
   store when its SQLAlchemy pool meets a disconnect). Any other error
   (the server refused the statement) leaves the connection usable: in autocommit no
-  transaction is left open. A request cancelled in the middle of a statement closes its
+  transaction is left open; so does a statement the server cancelled (its
+  ``statement_timeout``, though a ``QueryCanceled`` is an ``OperationalError``). A request
+  cancelled in the middle of a statement closes its
   connection, whose state is then unknown;
 - a block that holds a connection longer than ``statement_timeout`` seconds has its
   connection's socket shut down (``answer_within``): a statement whose server went silent (a
@@ -112,6 +114,9 @@ class DriverPool:
         try:
             with answer_within(conn, self._statement_timeout):
                 yield conn
+        except psycopg.errors.QueryCanceled:  # the server's statement_timeout: a sound session
+            await self._give_back(conn)
+            raise
         except psycopg.OperationalError:
             await self._discard(conn, flush=True)
             raise

@@ -37,13 +37,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.crud import REQUIRED
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
-from cardseal.errors import RequestError, StorageError, TokenError
+from cardseal.errors import NothingSentError, RequestError, StorageError, TokenError
 from cardseal.storage.models import api_keys, idempotency_keys, payments, used_tokens
 from cardseal.storage.schema import async_url, sync_url
 from cardseal.storage.sqlite_writer import (
@@ -160,7 +160,22 @@ PURGE_CHUNK: Final = 5000
 STATEMENT_TIMEOUT: Final = 5.0
 """Seconds a PostgreSQL transaction (on the payment path: a statement) may go unanswered;
 then its connection's socket is shut down (``pg_pool.answer_within``): a silent server or link
-fails the request (``storage_unavailable``) instead of holding it and its connection."""
+fails the request (``storage_unavailable``) instead of holding it and its connection. The
+server is told to give up on a statement sooner (``_server_options``), so that one it is
+merely slow to run (waiting for a lock) is cancelled there, not left to commit after the
+request was answered 503 and its check found nothing."""
+_SERVER_SHARE: Final = 0.8
+"""The server's ``statement_timeout``, as a share of ``STATEMENT_TIMEOUT``."""
+
+
+def _server_options(parsed: URL, statement_timeout: float) -> str:
+    """libpq ``options`` for every PostgreSQL connection: the URL's own, then the server's
+    ``statement_timeout`` (last, so that it holds: a longer one would let a statement land
+    after the client gave up on it)."""
+    given = parsed.query.get("options")
+    own = " ".join(given) if isinstance(given, tuple) else (given or "")
+    milliseconds = max(1, int(statement_timeout * _SERVER_SHARE * 1000))
+    return f"{own} -c statement_timeout={milliseconds}".strip()
 
 
 def _multi_row(head: str, columns: int, tail: str) -> Callable[[int], str]:
@@ -421,8 +436,12 @@ class SqlStore:
             from cardseal.storage.pg_pool import DriverPool, answer_within
 
             self._answer_within = answer_within
+            from psycopg.conninfo import make_conninfo
+
             self._drivers = DriverPool(
-                parsed.set(drivername="postgresql").render_as_string(hide_password=False),
+                make_conninfo(  # libpq reads a "+" in a URL's query as itself, not a space
+                    parsed.set(drivername="postgresql").render_as_string(hide_password=False),
+                    options=_server_options(parsed, statement_timeout)),
                 size=pool_size, timeout=_POOL_TIMEOUT, connect_timeout=_CONNECT_TIMEOUT,
                 statement_timeout=statement_timeout)
             # Concurrent payments' reservations, and their recorded payments, each as one
@@ -440,7 +459,9 @@ class SqlStore:
             # retryable) and SQLAlchemy then recycles the whole pool.
             engine = create_async_engine(
                 async_url(url), pool_size=max(2, pool_size // 2), max_overflow=0,
-                pool_timeout=_POOL_TIMEOUT, connect_args={"connect_timeout": _CONNECT_TIMEOUT})
+                pool_timeout=_POOL_TIMEOUT, connect_args={
+                    "connect_timeout": _CONNECT_TIMEOUT,
+                    "options": _server_options(parsed, statement_timeout)})
         self.engine = engine
         if engine is not None and not sqlite:
             self._sql.for_driver(engine.dialect)
@@ -496,8 +517,10 @@ class SqlStore:
 
         if self._drivers is None:  # pragma: no cover - a PostgreSQL store has one
             raise StorageError()
+        sent = False
         try:
             async with self._drivers.connection() as driver:
+                sent = True
                 for i, (statement, params) in enumerate(steps):
                     cursor = await driver.execute(statement.sql, {**statement.fixed, **params})
                     row = await cursor.fetchone()
@@ -505,7 +528,7 @@ class SqlStore:
                         return i, row
                 return None
         except (psycopg.Error, OSError, TimeoutError) as err:
-            raise StorageError() from err
+            raise (StorageError() if sent else NothingSentError()) from err
 
     def _pg_statements(self) -> tuple[_Compiled, _Compiled, _Compiled]:
         if self._sql.driver is None:  # pragma: no cover - built with the engine
@@ -553,6 +576,8 @@ class SqlStore:
             if self._writer is None or self._sql.reservations is None:
                 return await self._reserve_pg(rid, payment_id, params)
             return await self._writer.run_grouped(self._sql.reservations, params)
+        except NothingSentError:
+            raise
         except StorageError as err:
             try:
                 landed = await self._landed(select(used_tokens.c.replay_id).where(
@@ -620,6 +645,8 @@ class SqlStore:
                 await self._record_pg(row)
             else:
                 await self._writer.run_grouped(self._sql.recordings, row)
+        except NothingSentError:
+            raise
         except StorageError:
             # Only this request holds the reservation that carries this payment id.
             if not await self._landed(select(payments.c.id).where(payments.c.id == row["id"])):
