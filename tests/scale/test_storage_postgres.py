@@ -138,6 +138,73 @@ def test_a_reservation_whose_answer_and_check_were_lost_is_given_back(
     run(postgres, scenario)
 
 
+class CommitFault:
+    """Makes the next explicit ``COMMIT`` on a payment-path connection land and lose its
+    answer (``land=True``), or fail before it goes out (``land=False``)."""
+
+    def __init__(self, land: bool) -> None:
+        self.land = land
+        self.armed = True
+        self._execute = execute = psycopg.AsyncConnection.execute
+
+        async def faulty(conn: psycopg.AsyncConnection[Any], query: Any, *args: Any,
+                         **kwargs: Any) -> Any:
+            if self.armed and query == "COMMIT":
+                self.armed = False
+                if self.land:
+                    await execute(conn, query, *args, **kwargs)
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            return await execute(conn, query, *args, **kwargs)
+
+        psycopg.AsyncConnection.execute = faulty  # type: ignore[assignment,method-assign]
+
+    def restore(self) -> None:
+        psycopg.AsyncConnection.execute = self._execute  # type: ignore[method-assign]
+
+
+def test_a_token_taken_up_again_whose_answer_was_lost_is_given_back(
+        postgres: PostgresServer) -> None:
+    """A token given back after a retryable failure is taken up again by the retry, under its
+    payment id, and the answer to that COMMIT is lost after it landed: the store asks the
+    server whether the transaction committed (it did), answers 503, and its undo gives back
+    exactly that taking-up; run again, the undo leaves the next retry's taking-up alone.
+    A COMMIT that never went out leaves the token free (the undo, should the server not yet
+    have seen the session end, changes nothing)."""
+    async def scenario(store: SqlStore, _faults: LostCommitAnswers) -> None:
+        rid = replay_id("payment-service", "jti-retaken")
+        expires = int(time.time()) + 60
+        payment_id = await store.reserve_token(rid, expires)
+        await store.release_token(rid)
+        fault = CommitFault(land=True)
+        try:
+            with pytest.raises(ReservationInDoubtError) as doubt:
+                await store.reserve_token(rid, expires)
+        finally:
+            fault.restore()
+        assert not fault.armed
+        with pytest.raises(TokenError):  # it had landed: pending
+            await store.reserve_token(rid, expires)
+        await doubt.value.undo()
+        assert await store.reserve_token(rid, expires) == payment_id  # the next retry
+        await doubt.value.undo()
+        with pytest.raises(TokenError):  # the retry's taking-up stands
+            await store.reserve_token(rid, expires)
+
+        await store.release_token(rid)
+        fault = CommitFault(land=False)
+        try:
+            with pytest.raises(StorageError) as failed:
+                await store.reserve_token(rid, expires)
+        finally:
+            fault.restore()
+        assert not fault.armed
+        if isinstance(failed.value, ReservationInDoubtError):
+            await failed.value.undo()
+        assert await store.reserve_token(rid, expires) == payment_id
+
+    run(postgres, scenario)
+
+
 def test_a_silent_link_fails_each_step_within_the_statement_timeout(
         postgres: PostgresServer) -> None:
     """PostgreSQL behind a link that goes silent without closing (a dead network, a hung

@@ -101,6 +101,11 @@ class ReservationInDoubtError(StorageError):
         self.undo = undo
 
 
+class _NotLandedError(StorageError):
+    """``storage_unavailable`` whose statement is known not to have landed (nothing to look
+    for again)."""
+
+
 def new_payment_id() -> str:
     """``pay_``, the time in milliseconds since 1970 (12 hex digits, good until 10889) and 96
     random bits in hex.
@@ -576,7 +581,7 @@ class SqlStore:
             if self._writer is None or self._sql.reservations is None:
                 return await self._reserve_pg(rid, payment_id, params)
             return await self._writer.run_grouped(self._sql.reservations, params)
-        except NothingSentError:
+        except (NothingSentError, ReservationInDoubtError, _NotLandedError):
             raise
         except StorageError as err:
             try:
@@ -597,19 +602,83 @@ class SqlStore:
         one)."""
         if self._reservations is None:  # pragma: no cover - a PostgreSQL store has one
             raise StorageError()
-        reserve, reserve_released, _ = self._pg_statements()
+        reserve, _, _ = self._pg_statements()
         taken = await self._reservations.run([params[c.key] for c in used_tokens.c])
         if taken is None:  # its batch had a row the server refused: this one alone
-            found = await self._first((reserve, params), (reserve_released, {"rid": rid}))
+            if await self._first((reserve, params)) is not None:
+                return payment_id
         elif (rid, payment_id) in taken:
             return payment_id
-        else:
-            given_back = await self._first((reserve_released, {"rid": rid}))
-            found = None if given_back is None else (1, given_back[1])
-        if found is None:
+        given_back = await self._retake_released(rid)
+        if given_back is None:
             raise TokenError(code="token_replayed")
-        step, row = found
-        return payment_id if step == 0 else str(row[0])
+        return given_back
+
+    async def _retake_released(self, rid: str) -> str | None:
+        """Take up again a token given back after a retryable failure (``released``); its
+        payment id, or None when it is not ``released`` (spent, done, being charged).
+
+        One transaction whose id is read before the update goes out. Should its answer be
+        lost, the server tells whether it committed (``txid_status``), and the undo of one
+        in doubt gives back exactly the row version it wrote (its ``xmin``), never the one a
+        later retry wrote when it took the token up in turn.
+        """
+        import psycopg
+
+        if self._drivers is None:  # pragma: no cover - a PostgreSQL store has one
+            raise StorageError()
+        retake = self._pg_statements()[1]
+        xid: int | None = None
+        sent = False
+        try:
+            async with self._drivers.connection() as conn:
+                sent = True
+                await conn.execute("BEGIN")
+                try:
+                    row = await (await conn.execute("SELECT txid_current()")).fetchone()
+                    xid = int(row[0]) if row is not None else None
+                    cursor = await conn.execute(retake.sql, {**retake.fixed, "rid": rid})
+                    found = await cursor.fetchone()
+                    await conn.execute("COMMIT")
+                except psycopg.errors.QueryCanceled:  # the server's statement_timeout
+                    await conn.execute("ROLLBACK")
+                    raise
+                except psycopg.OperationalError:
+                    raise  # the connection is closed: the server rolls back what it did not commit
+                except BaseException:
+                    await conn.execute("ROLLBACK")  # the session goes back to the pool clean
+                    raise
+                return None if found is None else str(found[0])
+        except (psycopg.Error, OSError, TimeoutError) as err:
+            if not sent:
+                raise NothingSentError() from err
+            if xid is None:  # the update never went out
+                raise _NotLandedError() from err
+            raise await self._settled_retake(rid, xid) from err
+
+    async def _settled_retake(self, rid: str, xid: int) -> StorageError:
+        """What to raise for a taking-up (transaction ``xid``) whose answer was lost:
+        ``_NotLandedError`` when it did not commit; ``ReservationInDoubtError`` when it did
+        (the request answers 503 all the same, and its undo gives the token back) or when the
+        server cannot tell now."""
+        def status(conn: Connection) -> str | None:
+            value = conn.execute(text("SELECT txid_status(:xid)"), {"xid": xid}).scalar()
+            return None if value is None else str(value)
+
+        try:
+            outcome = await self._read(status)
+        except StorageError:
+            outcome = "unknown"
+        if outcome in ("aborted", None):  # None: older than the server remembers
+            return _NotLandedError()
+
+        async def undo() -> None:
+            await self._run(lambda conn: conn.execute(text(
+                "UPDATE used_tokens SET state = 'released' WHERE replay_id = :rid"
+                " AND state = 'pending' AND xmin::text::bigint = :xid32"),
+                {"rid": rid, "xid32": xid % 2**32}))
+
+        return ReservationInDoubtError(undo)
 
     async def _undo_reservation(self, rid: str, payment_id: str) -> None:
         """Delete the reservation made under ``payment_id`` if it landed and is still pending:
