@@ -135,6 +135,57 @@ def test_a_reservation_whose_answer_was_lost_is_given_back(redis_server: RedisSe
     asyncio.run(refused())
 
 
+
+def test_a_token_taken_up_again_whose_answer_was_lost_is_given_back(
+        redis_server: RedisServer) -> None:
+    """A token given back after a retryable failure is taken up again by the retry (under its
+    payment id, with a tag of its own), and the script's reply is lost: in doubt; the undo
+    gives the token back while the record is still that taking-up, and, run again, leaves
+    the next retry's alone."""
+    import redis.asyncio as aioredis
+
+    spec = redis_server.replay_store()
+    url, prefix = split_redis_spec(spec)
+
+    class LosesAScriptAnswer(aioredis.Redis):
+        lose = False
+
+        async def evalsha(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+            applied = await super().evalsha(*args, **kwargs)
+            if self.lose:
+                self.lose = False
+                raise TimeoutError("the answer was lost")
+            return applied
+
+    async def scenario() -> None:
+        client = LosesAScriptAnswer.from_url(url, socket_timeout=2)
+        replay = RedisReplayStore(url, prefix=prefix, client=client)
+        rid, expires = "f" * 64, int(time.time()) + 60
+        record = prefix + rid
+        try:
+            payment_id = await replay.reserve(rid, expires)
+            await replay.release(rid)
+            client.lose = True
+            with pytest.raises(ReservationInDoubtError) as doubt:
+                await replay.reserve(rid, expires)
+            taken = redis_server.client.get(record)
+            assert taken is not None and taken.startswith(f"pending:{payment_id}:".encode())
+            with pytest.raises(TokenError):  # it had landed
+                await replay.reserve(rid, expires)
+            await doubt.value.undo()
+            assert redis_server.client.get(record) == f"released:{payment_id}".encode()
+            assert await replay.reserve(rid, expires) == payment_id  # the next retry
+            await doubt.value.undo()  # run again: not the retry's taking-up
+            with pytest.raises(TokenError):
+                await replay.reserve(rid, expires)
+            await replay.done(rid)
+            assert redis_server.client.get(record) == f"done:{payment_id}".encode()
+            assert redis_server.client.ttl(record) > 0
+        finally:
+            await replay.close()
+
+    asyncio.run(scenario())
+
 @pytest.fixture(scope="module")
 def behind_proxy(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer,
                  redis_server: RedisServer) -> Iterator[tuple[Cluster, TcpProxy, str]]:
