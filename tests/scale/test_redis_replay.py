@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from cardseal.errors import ConfigError, StorageError, TokenError
 from cardseal.storage.replay import (
@@ -76,6 +77,28 @@ def test_records_stay_under_their_prefix(redis_server: RedisServer) -> None:
     assert redis_server.client.ttl(prefix + "a" * 64) > 0  # expires with the token
 
 
+class LosesAnAnswer(aioredis.Redis):
+    """Applies the next ``SET`` (``lose_set``) or script (``lose_script``) in Redis, then
+    loses its reply, as a timeout does."""
+
+    lose_set = False
+    lose_script = False
+
+    async def set(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        applied = await super().set(*args, **kwargs)
+        if self.lose_set:
+            self.lose_set = False
+            raise TimeoutError("the answer was lost")
+        return applied
+
+    async def evalsha(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        applied = await super().evalsha(*args, **kwargs)
+        if self.lose_script:
+            self.lose_script = False
+            raise TimeoutError("the answer was lost")
+        return applied
+
+
 def test_a_reservation_whose_answer_was_lost_is_given_back(redis_server: RedisServer) -> None:
     """``SET NX`` applied in Redis, its reply lost (a timeout): the token must not stay
     reserved until it expires, refusing the client's retry (``token_replayed``) though nothing
@@ -83,23 +106,12 @@ def test_a_reservation_whose_answer_was_lost_is_given_back(redis_server: RedisSe
     gateway runs it in the background), and the retry reserves it afresh, under a new payment
     id, which the undo, run again, leaves alone, as it leaves a token past its reservation
     (spent, done)."""
-    import redis.asyncio as aioredis
-
     spec = redis_server.replay_store()
     url, prefix = split_redis_spec(spec)
 
-    class LosesTheNextAnswer(aioredis.Redis):
-        lose = True
-
-        async def set(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-            applied = await super().set(*args, **kwargs)
-            if self.lose:
-                self.lose = False
-                raise TimeoutError("the answer was lost")
-            return applied
-
     async def scenario() -> None:
-        client = LosesTheNextAnswer.from_url(url, socket_timeout=2)
+        client = LosesAnAnswer.from_url(url, socket_timeout=2)
+        client.lose_set = True
         replay = RedisReplayStore(url, prefix=prefix, client=client)
         rid, expires = "d" * 64, int(time.time()) + 60
         try:
@@ -142,30 +154,18 @@ def test_a_token_taken_up_again_whose_answer_was_lost_is_given_back(
     payment id, with a tag of its own), and the script's reply is lost: in doubt; the undo
     gives the token back while the record is still that taking-up, and, run again, leaves
     the next retry's alone."""
-    import redis.asyncio as aioredis
-
     spec = redis_server.replay_store()
     url, prefix = split_redis_spec(spec)
 
-    class LosesAScriptAnswer(aioredis.Redis):
-        lose = False
-
-        async def evalsha(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-            applied = await super().evalsha(*args, **kwargs)
-            if self.lose:
-                self.lose = False
-                raise TimeoutError("the answer was lost")
-            return applied
-
     async def scenario() -> None:
-        client = LosesAScriptAnswer.from_url(url, socket_timeout=2)
+        client = LosesAnAnswer.from_url(url, socket_timeout=2)
         replay = RedisReplayStore(url, prefix=prefix, client=client)
         rid, expires = "f" * 64, int(time.time()) + 60
         record = prefix + rid
         try:
             payment_id = await replay.reserve(rid, expires)
             await replay.release(rid)
-            client.lose = True
+            client.lose_script = True
             with pytest.raises(ReservationInDoubtError) as doubt:
                 await replay.reserve(rid, expires)
             taken = redis_server.client.get(record)
