@@ -12,7 +12,6 @@ A Redis replay store is named by a redis-py URL whose fragment, if any, is the k
 
 from __future__ import annotations
 
-import secrets
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
@@ -72,38 +71,15 @@ class SqlReplayStore(ReplayStore):
         await self._store.ping()
 
 
-# A record's value is "<state>:<payment id>", and for a token taken up again after it was
-# given back, "pending:<payment id>:<tag>": the tag names that taking-up (its undo's handle).
-# KEYS[1] = record; ARGV[1] = from state, ARGV[2] = to state, ARGV[3] = a tag for the new
-# value, if any. Returns the payment id or nil.
+# KEYS[1] = record; ARGV[1] = from state, ARGV[2] = to state. Returns the payment id or nil.
 _TRANSITION: Final = """
 local value = redis.call('GET', KEYS[1])
 if not value then return nil end
 local sep = string.find(value, ':', 1, true)
 if ARGV[1] ~= '*' and string.sub(value, 1, sep - 1) ~= ARGV[1] then return nil end
-local rest = string.sub(value, sep + 1)
-local tag = string.find(rest, ':', 1, true)
-local pid = tag and string.sub(rest, 1, tag - 1) or rest
-local new = ARGV[2] .. ':' .. pid
-if ARGV[3] then new = new .. ':' .. ARGV[3] end
-redis.call('SET', KEYS[1], new, 'KEEPTTL')
+local pid = string.sub(value, sep + 1)
+redis.call('SET', KEYS[1], ARGV[2] .. ':' .. pid, 'KEEPTTL')
 return pid
-"""
-
-
-# KEYS[1] = record; ARGV[1] = the tag of a taking-up in doubt. Gives the token back while the
-# record is still that taking-up; a later retry's has a tag of its own, which a repeated undo
-# never matches.
-_UNDO_RETAKE: Final = """
-local value = redis.call('GET', KEYS[1])
-if not value then return 0 end
-local sep = string.find(value, ':', 1, true)
-if string.sub(value, 1, sep - 1) ~= 'pending' then return 0 end
-local rest = string.sub(value, sep + 1)
-local tag = string.find(rest, ':', 1, true)
-if not tag or string.sub(rest, tag + 1) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], 'released:' .. string.sub(rest, 1, tag - 1), 'KEEPTTL')
-return 1
 """
 
 
@@ -139,7 +115,6 @@ class RedisReplayStore(ReplayStore):
         self._prefix = prefix
         self._transition: Any = self._client.register_script(_TRANSITION)
         self._undo: Any = self._client.register_script(_UNDO)
-        self._undo_retake: Any = self._client.register_script(_UNDO_RETAKE)
 
     async def _call(self, coro: Any) -> Any:
         try:
@@ -162,16 +137,7 @@ class RedisReplayStore(ReplayStore):
             raise StorageError() from err
         if landed:
             return payment_id
-        tag = secrets.token_hex(8)
-        try:
-            reused = await self._transition(keys=[key], args=["released", "pending", tag])
-        except self._unanswered as err:  # the token may have been taken up: give it back
-            async def undo_retake() -> None:
-                await self._call(self._undo_retake(keys=[key], args=[tag]))
-
-            raise ReservationInDoubtError(undo_retake) from err
-        except self._failures as err:
-            raise StorageError() from err
+        reused = await self._call(self._transition(keys=[key], args=["released", "pending"]))
         if reused is None:
             raise TokenError(code="token_replayed")
         return reused.decode() if isinstance(reused, bytes) else str(reused)
