@@ -161,7 +161,8 @@ def apikey_create(
             raise RequestError(f"No [[issuers]] entry has iss = {issuer!r}.")
 
         async def create() -> str:
-            store = SqlStore(url=database_url(s))
+            store = SqlStore(url=database_url(s),
+                             server_timeouts=s.gateway.database_server_timeouts)
             try:
                 return await store.create_api_key(issuer)
             finally:

@@ -71,6 +71,9 @@ class GatewaySettings(BaseModel):
     database_url: str = "sqlite:///cardseal.db"
     # PostgreSQL: connections per worker for the payment path, and half as many for the rest.
     database_pool_size: int = Field(default=10, ge=2, le=100)
+    # PostgreSQL: send statement_timeout and idle_in_transaction_session_timeout in each
+    # connection's options. Off behind a PgBouncer that refuses them (set them on the role).
+    database_server_timeouts: bool = True
     replay_store: str = "database"
     fingerprint_secret: SecretStr = SecretStr("")
     leeway: int = DEFAULT_LEEWAY

@@ -55,6 +55,9 @@ insecure_http = false                # only behind a TLS-terminating proxy
 database_url = "sqlite:///cardseal.db"
 database_pool_size = 10              # PostgreSQL: connections a worker opens for payments
                                      # (and half as many for the rest), 2..100
+database_server_timeouts = true      # PostgreSQL: the server's statement and idle timeouts in
+                                     # each connection's options (false behind a PgBouncer
+                                     # that refuses them: set them on the role instead)
 replay_store = "database"            # database | redis://host:port/db
 fingerprint_secret = "{fingerprint_secret}"
 leeway = 30                          # clock leeway, seconds, at most 120

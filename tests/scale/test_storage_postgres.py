@@ -198,11 +198,117 @@ def test_a_token_taken_up_again_whose_answer_was_lost_is_given_back(
         finally:
             fault.restore()
         assert not fault.armed
-        if isinstance(failed.value, ReservationInDoubtError):
-            await failed.value.undo()
+        if isinstance(failed.value, ReservationInDoubtError):  # the server had not yet seen
+            await undo_until_done(failed.value)  # the session end: the undo waits for it
         assert await store.reserve_token(rid, expires) == payment_id
 
     run(postgres, scenario)
+
+
+async def undo_until_done(doubt: ReservationInDoubtError) -> None:
+    """Run ``doubt``'s undo as the gateway's repair does: again until it stops failing."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            await doubt.undo()
+            return
+        except StorageError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+
+
+def test_the_undo_of_a_taking_up_waits_for_its_transaction_to_end(
+        postgres: PostgresServer) -> None:
+    """A taking-up whose COMMIT is still running (a slow disk, a synchronous standby) when
+    the undo comes: the undo fails, so the repair tries again, instead of changing nothing and
+    counting as done; once the transaction has committed, the undo gives the token back."""
+    async def scenario(store: SqlStore, _faults: LostCommitAnswers) -> None:
+        rid = replay_id("payment-service", "jti-slow-commit")
+        expires = int(time.time()) + 60
+        payment_id = await store.reserve_token(rid, expires)
+        await store.release_token(rid)
+        database = store.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        with psycopg.connect(database) as running:  # the taking-up, not yet committed
+            row = running.execute(
+                "UPDATE used_tokens SET state = 'pending' WHERE replay_id = %s"
+                " AND state = 'released' RETURNING txid_current()", (rid,)).fetchone()
+            assert row is not None
+            doubt = await store._settled_retake(rid, int(row[0]))
+            assert isinstance(doubt, ReservationInDoubtError)
+            with pytest.raises(StorageError):
+                await doubt.undo()
+            running.commit()
+        await doubt.undo()
+        assert await store.reserve_token(rid, expires) == payment_id
+
+    run(postgres, scenario)
+
+
+def test_a_replayed_token_costs_no_transaction_id(postgres: PostgresServer) -> None:
+    """Replays are the attacker's to send: refusing one must not take a transaction id (each
+    brings PostgreSQL's anti-wraparound vacuum nearer)."""
+    async def scenario(store: SqlStore, _faults: LostCommitAnswers) -> None:
+        rid = replay_id("payment-service", "jti-replayed")
+        payment_id = await store.reserve_token(rid, int(time.time()) + 60)
+        await store.record_payment(payment_row(payment_id, rid))
+        database = store.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False)
+
+        def next_xid() -> int:
+            with psycopg.connect(database, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
+                assert row is not None
+                return int(row[0])
+
+        before = next_xid()
+        for _ in range(20):
+            with pytest.raises(TokenError):
+                await store.reserve_token(rid, int(time.time()) + 60)
+        assert next_xid() - before < 5
+
+    run(postgres, scenario)
+
+
+def test_each_connection_tells_the_server_its_timeouts(
+        postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both pools' connections carry the server's statement and idle-in-transaction timeouts
+    after the URL's own options (or ``PGOPTIONS``); ``server_timeouts=False`` sends none."""
+    url = postgres.create_database("options")
+    upgrade(url)
+    monkeypatch.setenv("PGOPTIONS", "-c application_name=from-pgoptions")
+
+    async def settings(store: SqlStore) -> set[tuple[str, str]]:
+        assert store._drivers is not None and store.engine is not None
+        names = ("statement_timeout", "idle_in_transaction_session_timeout",
+                 "application_name", "search_path")
+        query = "SELECT name, setting FROM pg_settings WHERE name = ANY(%(names)s)"
+        async with store._drivers.connection() as conn:
+            driver = await (await conn.execute(query, {"names": list(names)})).fetchall()
+        async with store.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            engine = await (await raw.execute(query, {"names": list(names)})).fetchall()
+            await raw.rollback()
+        assert sorted(driver) == sorted(engine)  # the two pools alike
+        return set(driver)
+
+    async def main() -> None:
+        for store_url, timeouts, expected in (
+            (url + "?options=-c%20search_path%3Dpublic,pg_catalog", True,
+             {("statement_timeout", "400"), ("idle_in_transaction_session_timeout", "400"),
+              ("search_path", "public,pg_catalog")}),
+            (url, True, {("statement_timeout", "400"), ("application_name", "from-pgoptions")}),
+            (url, False, {("statement_timeout", "0"),
+                          ("idle_in_transaction_session_timeout", "0")}),
+        ):
+            store = SqlStore(url=store_url, statement_timeout=0.5, server_timeouts=timeouts)
+            try:
+                assert expected <= await settings(store)
+            finally:
+                await store.close()
+
+    asyncio.run(main())
 
 
 def test_a_silent_link_fails_each_step_within_the_statement_timeout(

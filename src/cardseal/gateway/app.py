@@ -240,7 +240,8 @@ def create_app(
     providers = build_providers(settings)
     policies = build_issuer_policies(settings)
     opener = build_opener(settings, policies, providers)
-    store = SqlStore(url=database_url(settings), pool_size=settings.gateway.database_pool_size)
+    store = SqlStore(url=database_url(settings), pool_size=settings.gateway.database_pool_size,
+                     server_timeouts=settings.gateway.database_server_timeouts)
     replay = build_replay_store(settings.gateway.replay_store, store)
     service = PaymentService(
         store=store,

@@ -30,6 +30,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
     select,
     text,
@@ -106,6 +107,13 @@ class _NotLandedError(StorageError):
     for again)."""
 
 
+def _xact_status(conn: Connection, xid: int) -> str | None:
+    """PostgreSQL's word on transaction ``xid``: committed, aborted, in progress, or None
+    when it no longer remembers."""
+    value = conn.execute(text("SELECT txid_status(:xid)"), {"xid": xid}).scalar()
+    return None if value is None else str(value)
+
+
 def new_payment_id() -> str:
     """``pay_``, the time in milliseconds since 1970 (12 hex digits, good until 10889) and 96
     random bits in hex.
@@ -174,13 +182,18 @@ _SERVER_SHARE: Final = 0.8
 
 
 def _server_options(parsed: URL, statement_timeout: float) -> str:
-    """libpq ``options`` for every PostgreSQL connection: the URL's own, then the server's
-    ``statement_timeout`` (last, so that it holds: a longer one would let a statement land
-    after the client gave up on it)."""
+    """libpq ``options`` for every PostgreSQL connection: the URL's own (else ``PGOPTIONS``,
+    which libpq reads only when the connection string names no options), then the server's
+    ``statement_timeout`` and ``idle_in_transaction_session_timeout`` (last, so that they
+    hold: a longer one would let a statement land after the client gave up on it, and a
+    session whose link went silent in the middle of a transaction would keep its locks until
+    TCP gave up on it, hours later)."""
     given = parsed.query.get("options")
-    own = " ".join(given) if isinstance(given, tuple) else (given or "")
+    own = " ".join(given) if isinstance(given, tuple) else (given or os.environ.get(
+        "PGOPTIONS", ""))
     milliseconds = max(1, int(statement_timeout * _SERVER_SHARE * 1000))
-    return f"{own} -c statement_timeout={milliseconds}".strip()
+    return (f"{own} -c statement_timeout={milliseconds}"
+            f" -c idle_in_transaction_session_timeout={milliseconds}").strip()
 
 
 def _multi_row(head: str, columns: int, tail: str) -> Callable[[int], str]:
@@ -380,8 +393,10 @@ class _Statements:
 
     def for_driver(self, dialect: Any) -> None:
         """Compile the payment path's statements for the PostgreSQL driver (``_first``)."""
+        # The taking-up again also returns its transaction's id (``_retake_released``): only
+        # for a row it changed, so that a replayed token costs no transaction id.
         self.driver = (_Compiled(self.reserve, dialect),
-                       _Compiled(self.reserve_released, dialect),
+                       _Compiled(self.reserve_released.returning(func.txid_current()), dialect),
                        _Compiled(self.record_done, dialect))
 
     def reserve_again(self, conn: Connection, rid: str) -> str:
@@ -403,7 +418,11 @@ class SqlStore:
     """
 
     def __init__(self, *, url: str, pool_size: int = 10, engine: AsyncEngine | None = None,
-                 statement_timeout: float = STATEMENT_TIMEOUT) -> None:
+                 statement_timeout: float = STATEMENT_TIMEOUT,
+                 server_timeouts: bool = True) -> None:
+        """``server_timeouts``: tell PostgreSQL to give up on a statement, or a transaction
+        left idle, before the client's timer does (``_server_options``); off where something
+        between refuses connection options (a PgBouncer), which must then set them itself."""
         blocking_url = sync_url(url)
         parsed = make_url(blocking_url)
         sqlite = parsed.get_backend_name() == "sqlite"
@@ -443,10 +462,12 @@ class SqlStore:
             self._answer_within = answer_within
             from psycopg.conninfo import make_conninfo
 
+            conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+            if server_timeouts:  # libpq reads a "+" in a URL's query as itself, not a space
+                conninfo = make_conninfo(conninfo,
+                                         options=_server_options(parsed, statement_timeout))
             self._drivers = DriverPool(
-                make_conninfo(  # libpq reads a "+" in a URL's query as itself, not a space
-                    parsed.set(drivername="postgresql").render_as_string(hide_password=False),
-                    options=_server_options(parsed, statement_timeout)),
+                conninfo,
                 size=pool_size, timeout=_POOL_TIMEOUT, connect_timeout=_CONNECT_TIMEOUT,
                 statement_timeout=statement_timeout)
             # Concurrent payments' reservations, and their recorded payments, each as one
@@ -466,7 +487,8 @@ class SqlStore:
                 async_url(url), pool_size=max(2, pool_size // 2), max_overflow=0,
                 pool_timeout=_POOL_TIMEOUT, connect_args={
                     "connect_timeout": _CONNECT_TIMEOUT,
-                    "options": _server_options(parsed, statement_timeout)})
+                    **({"options": _server_options(parsed, statement_timeout)}
+                       if server_timeouts else {})})
         self.engine = engine
         if engine is not None and not sqlite:
             self._sql.for_driver(engine.dialect)
@@ -618,27 +640,31 @@ class SqlStore:
         """Take up again a token given back after a retryable failure (``released``); its
         payment id, or None when it is not ``released`` (spent, done, being charged).
 
-        One transaction whose id is read before the update goes out. Should its answer be
-        lost, the server tells whether it committed (``txid_status``), and the undo of one
+        One transaction: the update returns the transaction's id with the row, and COMMIT goes
+        out only once that answer is in. So a lost answer before COMMIT means nothing landed;
+        after it, the server tells whether it committed (``txid_status``), and the undo of one
         in doubt gives back exactly the row version it wrote (its ``xmin``), never the one a
-        later retry wrote when it took the token up in turn.
+        later retry wrote when it took the token up in turn. A token that is not ``released``
+        (a replay) changes no row and costs no transaction id.
         """
         import psycopg
 
         if self._drivers is None:  # pragma: no cover - a PostgreSQL store has one
             raise StorageError()
         retake = self._pg_statements()[1]
-        xid: int | None = None
+        xid: int | None = None  # known once the update answered: COMMIT is then on its way
         sent = False
         try:
             async with self._drivers.connection() as conn:
                 sent = True
                 await conn.execute("BEGIN")
                 try:
-                    row = await (await conn.execute("SELECT txid_current()")).fetchone()
-                    xid = int(row[0]) if row is not None else None
                     cursor = await conn.execute(retake.sql, {**retake.fixed, "rid": rid})
                     found = await cursor.fetchone()
+                    if found is None:
+                        await conn.execute("ROLLBACK")  # nothing written, no id taken
+                        return None
+                    xid = int(found[1])
                     await conn.execute("COMMIT")
                 except psycopg.errors.QueryCanceled:  # the server's statement_timeout
                     await conn.execute("ROLLBACK")
@@ -648,37 +674,40 @@ class SqlStore:
                 except BaseException:
                     await conn.execute("ROLLBACK")  # the session goes back to the pool clean
                     raise
-                return None if found is None else str(found[0])
+                return str(found[0])
         except (psycopg.Error, OSError, TimeoutError) as err:
             if not sent:
                 raise NothingSentError() from err
-            if xid is None:  # the update never went out
+            if xid is None:  # COMMIT never went out
                 raise _NotLandedError() from err
             raise await self._settled_retake(rid, xid) from err
 
     async def _settled_retake(self, rid: str, xid: int) -> StorageError:
-        """What to raise for a taking-up (transaction ``xid``) whose answer was lost:
-        ``_NotLandedError`` when it did not commit; ``ReservationInDoubtError`` when it did
-        (the request answers 503 all the same, and its undo gives the token back) or when the
-        server cannot tell now."""
-        def status(conn: Connection) -> str | None:
-            value = conn.execute(text("SELECT txid_status(:xid)"), {"xid": xid}).scalar()
-            return None if value is None else str(value)
-
+        """What to raise for a taking-up (transaction ``xid``) whose COMMIT's answer was lost:
+        ``_NotLandedError`` when it did not commit; otherwise (committed, still running, or
+        the server cannot tell now) ``ReservationInDoubtError``: the request answers 503 all
+        the same, and its undo gives the token back once the transaction has committed."""
         try:
-            outcome = await self._read(status)
+            outcome = await self._read(lambda conn: _xact_status(conn, xid))
         except StorageError:
             outcome = "unknown"
         if outcome in ("aborted", None):  # None: older than the server remembers
             return _NotLandedError()
 
-        async def undo() -> None:
-            await self._run(lambda conn: conn.execute(text(
-                "UPDATE used_tokens SET state = 'released' WHERE replay_id = :rid"
-                " AND state = 'pending' AND xmin::text::bigint = :xid32"),
-                {"rid": rid, "xid32": xid % 2**32}))
+        def undo(conn: Connection) -> None:
+            status = _xact_status(conn, xid)
+            if status == "in progress":  # a slow COMMIT, or a session not yet ended
+                raise StorageError()  # the repair tries again
+            if status == "committed":
+                conn.execute(text(
+                    "UPDATE used_tokens SET state = 'released' WHERE replay_id = :rid"
+                    " AND state = 'pending' AND xmin::text::bigint = :xid32"),
+                    {"rid": rid, "xid32": xid % 2**32})
 
-        return ReservationInDoubtError(undo)
+        async def undo_later() -> None:
+            await self._run(undo)
+
+        return ReservationInDoubtError(undo_later)
 
     async def _undo_reservation(self, rid: str, payment_id: str) -> None:
         """Delete the reservation made under ``payment_id`` if it landed and is still pending:
