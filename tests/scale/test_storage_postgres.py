@@ -274,7 +274,8 @@ def test_a_replayed_token_costs_no_transaction_id(postgres: PostgresServer) -> N
 def test_each_connection_tells_the_server_its_timeouts(
         postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both pools' connections carry the server's statement and idle-in-transaction timeouts
-    after the URL's own options (or ``PGOPTIONS``); ``server_timeouts=False`` sends none."""
+    after the URL's own options (or ``PGOPTIONS``), and the URL's other parameters as given
+    (a space in one stays a space); ``server_timeouts=False`` sends no timeouts."""
     url = postgres.create_database("options")
     upgrade(url)
     monkeypatch.setenv("PGOPTIONS", "-c application_name=from-pgoptions")
@@ -295,9 +296,10 @@ def test_each_connection_tells_the_server_its_timeouts(
 
     async def main() -> None:
         for store_url, timeouts, expected in (
-            (url + "?options=-c%20search_path%3Dpublic,pg_catalog", True,
+            (url + "?options=-c%20search_path%3Dpublic,pg_catalog&application_name=my%20app",
+             True,
              {("statement_timeout", "400"), ("idle_in_transaction_session_timeout", "400"),
-              ("search_path", "public,pg_catalog")}),
+              ("search_path", "public,pg_catalog"), ("application_name", "my app")}),
             (url, True, {("statement_timeout", "400"), ("application_name", "from-pgoptions")}),
             (url, False, {("statement_timeout", "0"),
                           ("idle_in_transaction_session_timeout", "0")}),

@@ -462,12 +462,16 @@ class SqlStore:
             self._answer_within = answer_within
             from psycopg.conninfo import make_conninfo
 
-            conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-            if server_timeouts:  # libpq reads a "+" in a URL's query as itself, not a space
-                conninfo = make_conninfo(conninfo,
-                                         options=_server_options(parsed, statement_timeout))
+            # The URL's query as libpq keywords: rendered back into a URL, a space would
+            # become a "+", which libpq reads as itself.
+            keywords = {key: (" " if key == "options" else ",").join(value)
+                        if isinstance(value, tuple) else value
+                        for key, value in parsed.query.items()}
+            if server_timeouts:
+                keywords["options"] = _server_options(parsed, statement_timeout)
             self._drivers = DriverPool(
-                conninfo,
+                make_conninfo(parsed.set(drivername="postgresql", query={})
+                              .render_as_string(hide_password=False), **keywords),
                 size=pool_size, timeout=_POOL_TIMEOUT, connect_timeout=_CONNECT_TIMEOUT,
                 statement_timeout=statement_timeout)
             # Concurrent payments' reservations, and their recorded payments, each as one
