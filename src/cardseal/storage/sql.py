@@ -39,7 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.crud import REQUIRED
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
@@ -109,9 +109,20 @@ class _NotLandedError(StorageError):
 
 def _xact_status(conn: Connection, xid: int) -> str | None:
     """PostgreSQL's word on transaction ``xid``: committed, aborted, in progress, or None
-    when it no longer remembers."""
-    value = conn.execute(text("SELECT txid_status(:xid)"), {"xid": xid}).scalar()
+    when it is not in this server's history: too old to remember, or not yet given out (a
+    failover to a standby that never saw it; ``txid_status`` would raise, and the id would
+    later name another transaction)."""
+    try:
+        with conn.begin_nested():  # the error leaves the enclosing transaction usable
+            value = conn.execute(text("SELECT txid_status(:xid)"), {"xid": xid}).scalar()
+    except DBAPIError as err:
+        if getattr(err.orig, "sqlstate", None) == _XID_IN_THE_FUTURE:
+            return None
+        raise
     return None if value is None else str(value)
+
+
+_XID_IN_THE_FUTURE: Final = "22023"  # txid_status: "transaction ID ... is in the future"
 
 
 def new_payment_id() -> str:
@@ -461,17 +472,17 @@ class SqlStore:
 
             self._answer_within = answer_within
             from psycopg.conninfo import make_conninfo
+            from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
-            # The URL's query as libpq keywords: rendered back into a URL, a space would
-            # become a "+", which libpq reads as itself.
-            keywords = {key: (" " if key == "options" else ",").join(value)
-                        if isinstance(value, tuple) else value
-                        for key, value in parsed.query.items()}
+            # libpq keywords as SQLAlchemy's own pool gets them (a URL rendered back would
+            # keep a space in the password raw and turn one in the query into a "+"; several
+            # hosts become libpq's "h1,h2" with "p1,p2"), so that both pools reach one server.
+            dialect = PGDialect_psycopg()  # type: ignore[no-untyped-call]
+            _, keywords = dialect.create_connect_args(parsed)  # type: ignore[no-untyped-call]
             if server_timeouts:
                 keywords["options"] = _server_options(parsed, statement_timeout)
             self._drivers = DriverPool(
-                make_conninfo(parsed.set(drivername="postgresql", query={})
-                              .render_as_string(hide_password=False), **keywords),
+                make_conninfo("", **keywords),
                 size=pool_size, timeout=_POOL_TIMEOUT, connect_timeout=_CONNECT_TIMEOUT,
                 statement_timeout=statement_timeout)
             # Concurrent payments' reservations, and their recorded payments, each as one
