@@ -468,12 +468,12 @@ class SqlStore:
             # disconnecting (at 32 concurrent payments on one worker: ~730/s, most of the event
             # loop in psycopg's connect and close, the database idle); a request waits its turn
             # for one of the pool's connections instead, each held for one statement.
-            from cardseal.storage.pg_pool import DriverPool, answer_within
-
-            self._answer_within = answer_within
             from psycopg.conninfo import make_conninfo
             from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
+            from cardseal.storage.pg_pool import DriverPool, answer_within
+
+            self._answer_within = answer_within
             # libpq keywords as SQLAlchemy's own pool gets them (a URL rendered back would
             # keep a space in the password raw and turn one in the query into a "+"; several
             # hosts become libpq's "h1,h2" with "p1,p2"), so that both pools reach one server.
@@ -686,9 +686,10 @@ class SqlStore:
                     raise
                 except psycopg.OperationalError:
                     raise  # the connection is closed: the server rolls back what it did not commit
-                except BaseException:
-                    await conn.execute("ROLLBACK")  # the session goes back to the pool clean
+                except psycopg.Error:  # refused by the server: the session goes back clean
+                    await conn.execute("ROLLBACK")
                     raise
+                # Anything else (a cancelled request) closes the connection (``DriverPool``).
                 return str(found[0])
         except (psycopg.Error, OSError, TimeoutError) as err:
             if not sent:
@@ -706,7 +707,7 @@ class SqlStore:
             outcome = await self._read(lambda conn: _xact_status(conn, xid))
         except StorageError:
             outcome = "unknown"
-        if outcome in ("aborted", None):  # None: older than the server remembers
+        if outcome in ("aborted", None):  # None: not in the server's history
             return _NotLandedError()
 
         def undo(conn: Connection) -> None:
