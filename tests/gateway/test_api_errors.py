@@ -924,6 +924,7 @@ class DetachedReplayStore(ReplayStore):
         self.forget = forget
         self.lose_reservation = lose_reservation
         self.undone = 0
+        self.hold_undo = False  # the store does not answer the undo yet
 
     async def reserve(self, rid: str, expires_at: int) -> str:
         state, payment_id = self.records.get(rid, ("", new_payment_id()))
@@ -935,6 +936,8 @@ class DetachedReplayStore(ReplayStore):
                 self.lose_reservation = False
 
                 async def undo() -> None:
+                    if self.hold_undo:
+                        raise StorageError()
                     if self.records.get(rid) == ("pending", payment_id):
                         del self.records[rid]
                     self.undone += 1
@@ -1002,6 +1005,32 @@ def test_a_reservation_in_doubt_is_given_back_in_the_background(
             time.sleep(0.05)
         assert replay.undone == 1
         assert_payment(pay(faulty, token), amount=1999)
+    assert len(processor.calls) == 1
+
+
+def test_a_retry_faster_than_the_give_back_is_told_to_retry_not_replayed(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry of a reservation in doubt comes before the gateway could give it back (the
+    store does not answer the undo yet): a 503 again, not a 409 ``token_replayed``, which its
+    Idempotency-Key would keep for good; once the undo lands, the same request pays."""
+    home = gateway.home
+    replay = DetachedReplayStore(lose_reservation=True)
+    replay.hold_undo = True
+    monkeypatch.setattr("cardseal.gateway.app.build_replay_store", lambda spec, store: replay)
+    processor = ChargeThenTimeout(timeouts=0)
+    app = create_app(home.settings, processor=processor)
+    token, key = gateway.forge.seal(), "retry-" + secrets.token_hex(6)
+    with serve_in_thread(app, home) as url, _in_process_client(home, url, gateway) as faulty:
+        assert_error(pay(faulty, token, key=key), 503, "storage_unavailable")
+        assert_error(pay(faulty, token, key=key), 503, "storage_unavailable")
+        assert not processor.calls
+        replay.hold_undo = False
+        deadline = time.monotonic() + 5
+        while not replay.undone and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert replay.undone == 1
+        assert_payment(pay(faulty, token, key=key), amount=1999)
+        assert_error(pay(faulty, token), 409, "token_replayed")  # paid: a replay again
     assert len(processor.calls) == 1
 
 

@@ -52,6 +52,7 @@ from cardseal.errors import (
     ConfigError,
     ProcessorError,
     RequestError,
+    StorageError,
     TokenError,
 )
 from cardseal.gateway.schemas import PaymentRequest
@@ -181,6 +182,10 @@ class PaymentService:
         self._processor_pool = ThreadPoolExecutor(
             max_workers=_PROCESSOR_THREADS, thread_name_prefix="cardseal-processor")
         self._repairs: set[asyncio.Task[None]] = set()
+        # Tokens held ``pending`` only until a repair here gives them back (their replay ids,
+        # with how many such repairs are on their way): a retry that meets one is told to
+        # retry again (503), not that the token was used (409, which an Idempotency-Key keeps).
+        self._giving_back: dict[str, int] = {}
         # Data keys being fetched from the KMS, by name: the charge that fetches each one.
         self._fetches: dict[Hashable, asyncio.Future[tuple[ChargeResult, CardView]]] = {}
 
@@ -287,7 +292,11 @@ class PaymentService:
         try:
             payment_id = await self._replay.reserve(rid, expires_at)
         except ReservationInDoubtError as err:  # give it back once the store answers again
-            self._repair_later(err.undo, expires_at)
+            self._repair_later(err.undo, expires_at, giving_back=rid)
+            return error_outcome(err)
+        except TokenError as err:
+            if err.code == "token_replayed" and rid in self._giving_back:
+                return error_outcome(StorageError())  # its own reservation, not yet given back
             return error_outcome(err)
         except CardsealError as err:
             return error_outcome(err)
@@ -418,16 +427,26 @@ class PaymentService:
         except CardsealError:
             # The reservation stays pending: the token is refused, never charged twice. Once
             # the store answers again the repair lands (until the token expires anyway).
-            self._repair_later(settle, expires_at)
+            self._repair_later(settle, expires_at, giving_back=rid if retryable else None)
 
-    def _repair_later(self, operation: Callable[[], Awaitable[None]], deadline: float) -> None:
-        """Retry ``operation`` in the background until it succeeds or ``deadline`` (epoch s)."""
+    def _repair_later(self, operation: Callable[[], Awaitable[None]], deadline: float, *,
+                      giving_back: str | None = None) -> None:
+        """Retry ``operation`` in the background until it succeeds or ``deadline`` (epoch s).
+        ``giving_back``: the replay id of the token it gives back (``_giving_back``)."""
         if len(self._repairs) >= _MAX_REPAIRS:
             _log.warning("repair_dropped", pending=len(self._repairs))
             return
         task = asyncio.get_running_loop().create_task(self._repair(operation, deadline))
         self._repairs.add(task)
         task.add_done_callback(self._repairs.discard)
+        if giving_back is not None:
+            self._giving_back[giving_back] = self._giving_back.get(giving_back, 0) + 1
+            task.add_done_callback(lambda _task: self._given_back(giving_back))
+
+    def _given_back(self, rid: str) -> None:
+        left = self._giving_back.pop(rid) - 1
+        if left:
+            self._giving_back[rid] = left
 
     async def _repair(self, operation: Callable[[], Awaitable[None]], deadline: float) -> None:
         attempt = 0
