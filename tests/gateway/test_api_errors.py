@@ -967,6 +967,15 @@ class DetachedReplayStore(ReplayStore):
         return None
 
 
+def app_with_replay_store(gateway: Gateway, monkeypatch: pytest.MonkeyPatch,
+                          replay: ReplayStore) -> tuple[Any, ChargeThenTimeout]:
+    """An app on ``gateway``'s home whose replay store is ``replay``, charging through a
+    sandbox that records each call."""
+    monkeypatch.setattr("cardseal.gateway.app.build_replay_store", lambda spec, store: replay)
+    processor = ChargeThenTimeout(timeouts=0)
+    return create_app(gateway.home.settings, processor=processor), processor
+
+
 def test_replay_store_failing_after_the_payment_committed(
         gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression: the payment was recorded, then marking the token done in a detached replay
@@ -974,9 +983,7 @@ def test_replay_store_failing_after_the_payment_committed(
     card again under the same payment id and crashed on the ledger's key with a 500."""
     home = gateway.home
     replay = DetachedReplayStore(fail_done=True)
-    monkeypatch.setattr("cardseal.gateway.app.build_replay_store", lambda spec, store: replay)
-    processor = ChargeThenTimeout(timeouts=0)
-    app = create_app(home.settings, processor=processor)
+    app, processor = app_with_replay_store(gateway, monkeypatch, replay)
     token = gateway.forge.seal()
     with serve_in_thread(app, home) as url, _in_process_client(home, url, gateway) as faulty:
         body = assert_payment(pay(faulty, token), amount=1999)  # recorded, so it is a 201
@@ -994,9 +1001,7 @@ def test_a_reservation_in_doubt_is_given_back_in_the_background(
     charged (once), not refused as a replay until the token expires."""
     home = gateway.home
     replay = DetachedReplayStore(lose_reservation=True)
-    monkeypatch.setattr("cardseal.gateway.app.build_replay_store", lambda spec, store: replay)
-    processor = ChargeThenTimeout(timeouts=0)
-    app = create_app(home.settings, processor=processor)
+    app, processor = app_with_replay_store(gateway, monkeypatch, replay)
     token = gateway.forge.seal()
     with serve_in_thread(app, home) as url, _in_process_client(home, url, gateway) as faulty:
         assert_error(pay(faulty, token), 503, "storage_unavailable")
@@ -1016,9 +1021,7 @@ def test_a_retry_faster_than_the_give_back_is_told_to_retry_not_replayed(
     home = gateway.home
     replay = DetachedReplayStore(lose_reservation=True)
     replay.hold_undo = True
-    monkeypatch.setattr("cardseal.gateway.app.build_replay_store", lambda spec, store: replay)
-    processor = ChargeThenTimeout(timeouts=0)
-    app = create_app(home.settings, processor=processor)
+    app, processor = app_with_replay_store(gateway, monkeypatch, replay)
     token, key = gateway.forge.seal(), "retry-" + secrets.token_hex(6)
     with serve_in_thread(app, home) as url, _in_process_client(home, url, gateway) as faulty:
         assert_error(pay(faulty, token, key=key), 503, "storage_unavailable")
